@@ -47,14 +47,18 @@ PRESETS = {
 }
 
 # protobuf cannot serialize a message of 2 GiB or more, so larger models must
-# keep their tensors in a separate file.
-PROTOBUF_LIMIT_BYTES = 2**31
+# keep their tensors in a separate file. The 64 MiB margin leaves room for the
+# graph itself, which tensor_bytes does not count.
+EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 64 * 2**20
 MIN_DYNAMO_OPSET = 18
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 
 # Number of gamma entries set to exactly 0 in the first LayerNorm of a model
 # with random weights, so converters meet the gamma-with-zeros case.
 ZERO_GAMMA_CHANNELS = 3
+
+# Output channels of the two convolution blocks of TinyCNN.
+TINY_CNN_CHANNELS = (16, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +135,7 @@ class TinyCNN(nn.Module):
     everything but the Linear head alone.
     """
 
-    def __init__(self, num_classes: int = 10, channels: tuple[int, int] = (16, 32)):
+    def __init__(self, num_classes: int = 10, channels: tuple[int, int] = TINY_CNN_CHANNELS):
         super().__init__()
         first, second = channels
         self.features = nn.Sequential(
@@ -220,13 +224,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, LogitsOnly) else model
 
 
-def randomize_weights(model: nn.Module, seed: int = 0, zero_gamma_channels: int = ZERO_GAMMA_CHANNELS) -> None:
+def randomize_weights(
+    model: nn.Module, seed: int = 0, zero_gamma_channels: int = ZERO_GAMMA_CHANNELS
+) -> tuple[str, list[int]] | None:
     """Replace the all-equal tensors of a fresh model with small seeded random values.
 
     LayerNorm gamma becomes 1 + 0.1 * randn, and LayerNorm beta, Linear and Conv
     biases, class and distillation tokens and position embeddings become 0.02 * randn.
     BatchNorm statistics and affines are randomized too. The first LayerNorm then
     gets zero_gamma_channels exact zeros in gamma, spread over its channels.
+    Returns that LayerNorm's module name and zeroed channels, or None if the model
+    has no LayerNorm.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -236,9 +244,9 @@ def randomize_weights(model: nn.Module, seed: int = 0, zero_gamma_channels: int 
     token_names = ("cls_token", "dist_token", "distillation_token", "pos_embed", "position_embeddings")
     layer_norms = []
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, nn.LayerNorm):
-                layer_norms.append(module)
+                layer_norms.append((name, module))
                 if module.weight is not None:
                     module.weight.copy_(1.0 + 0.1 * randn_like(module.weight))
                 if module.bias is not None:
@@ -256,11 +264,13 @@ def randomize_weights(model: nn.Module, seed: int = 0, zero_gamma_channels: int 
             if name.rsplit(".", 1)[-1] in token_names:
                 parameter.copy_(0.02 * randn_like(parameter))
 
-        if layer_norms and zero_gamma_channels > 0:
-            gamma = layer_norms[0].weight
-            channels = gamma.shape[-1]
-            zero_indices = torch.linspace(0, channels - 1, zero_gamma_channels).round().long().unique()
-            gamma[zero_indices] = 0.0
+        if not layer_norms or zero_gamma_channels <= 0:
+            return None
+        name, first_norm = layer_norms[0]
+        channels = first_norm.weight.shape[-1]
+        zero_indices = torch.linspace(0, channels - 1, zero_gamma_channels).round().long().unique()
+        first_norm.weight[zero_indices] = 0.0
+    return name, zero_indices.tolist()
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -269,6 +279,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     Checkpoints that nest the state dict under "model" or "state_dict" are accepted.
     Raises RuntimeError, naming the keys, when the state dict does not match the model.
     """
+    # NOTE: keys must use the module names of the installed library. transformers 5
+    # renamed ViT/DeiT modules (vit.encoder.layer.N.attention.attention.query became
+    # vit.layers.N.attention.q_proj), and only from_pretrained converts the old names.
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -302,7 +315,7 @@ def export_torchscript(
 ) -> None:
     dynamic_axes = {input_name: {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in torch 2.x and warns on every call.
+        # torch 2.14 raises a DeprecationWarning on every TorchScript export.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
@@ -395,30 +408,41 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(tensor.raw_data) for tensor in model.graph.initializer)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
-    """Save model to path; with external data, every initializer goes to one file named path + ".data".
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    external_data: bool | None = None,
+    size_threshold: int = 1024,
+) -> None:
+    """Save model to path, with external data in one file named path + ".data".
 
     external_data=None chooses external data only when the tensors reach the
-    2 GiB protobuf limit. An existing .data file of a previous save is removed,
-    because onnx appends to it instead of overwriting it.
+    2 GiB protobuf limit. Initializers of at least size_threshold bytes go to the
+    data file; Constant node values always stay inline. Keep the default threshold
+    for models that onnxruntime must load: onnxruntime 1.32 rejects a Reshape or
+    ConstantOfShape whose shape tensor is external ("Cannot parse data from
+    external tensors"). An existing .data file is removed first, because onnx
+    appends to it instead of overwriting it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_path = path.with_name(path.name + ".data")
     if external_data is None:
-        external_data = tensor_bytes(model) >= PROTOBUF_LIMIT_BYTES - 64 * 2**20
+        external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD_BYTES
     if data_path.exists():
         data_path.unlink()
     if external_data:
+        # onnx.save_model moves the tensor data of the proto it is given into the
+        # data file, so save a copy and leave the caller's proto intact.
+        model_copy = onnx.ModelProto()
+        model_copy.CopyFrom(model)
         onnx.save_model(
-            model,
+            model_copy,
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
             location=data_path.name,
-            size_threshold=0,
-            # Constant node values stay inline: onnxruntime 1.32 rejects a model
-            # whose ConstantOfShape or Constant tensors are stored externally.
+            size_threshold=size_threshold,
             convert_attribute=False,
         )
     else:
@@ -443,7 +467,9 @@ def export_model(
     if weights is not None:
         load_weights(model, weights)
     else:
-        randomize_weights(model, seed)
+        zeroed = randomize_weights(model, seed)
+        if zeroed is not None:
+            LOG.info("random weights (seed %d); gamma channels %s of LayerNorm %s are 0", seed, zeroed[1], zeroed[0])
     proto = export_model_proto(
         model,
         config,
@@ -477,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", choices=MODEL_KINDS, help="model family to build")
     parser.add_argument("output", type=Path, help="path of the .onnx file to write")
+
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -492,10 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-size", type=int, help="patch size in pixels (default 16)")
     parser.add_argument("--num-classes", type=int, default=1000, help="number of output classes (default 1000)")
     parser.add_argument("--mlp-ratio", type=float, default=4.0, help="MLP hidden width / embed dim (default 4)")
+
     parser.add_argument("--batch", type=int, default=1, help="batch size of the exported input (default 1)")
     parser.add_argument(
         "--dynamic-batch", action="store_true", help="make the batch dimension of input and output dynamic"
     )
+
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript", help="torch.onnx exporter")
     parser.add_argument(
         "--opset",
@@ -509,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="export with do_constant_folding=False (TorchScript exporter only)",
     )
+
     parser.add_argument(
         "--sdpa", action="store_true", help="timm models: use fused scaled_dot_product_attention"
     )
@@ -517,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("eager", "sdpa"),
         help="transformers models: attn_implementation (default eager)",
     )
+
     parser.add_argument(
         "--weights",
         type=Path,
@@ -532,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--external-data",
         action="store_true",
-        help="save all tensors to OUTPUT.data (default: only for models over 2 GiB)",
+        help="save initializers of 1 KiB or more to OUTPUT.data (default: only for models near 2 GiB or over)",
     )
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     return parser
@@ -575,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args, parser)
     if args.exporter == "dynamo" and not args.constant_folding:
         parser.error("--no-constant-folding applies to the TorchScript exporter only")
+    if args.exporter == "dynamo" and args.opset is not None and args.opset < MIN_DYNAMO_OPSET:
+        parser.error(
+            f"--opset {args.opset} is below {MIN_DYNAMO_OPSET}, the lowest opset the dynamo exporter "
+            "writes natively; use --opset 18 or newer, or --exporter torchscript"
+        )
+    if args.weights is not None and not args.weights.is_file():
+        parser.error(f"weights file not found: {args.weights}")
     if args.batch < 1:
         parser.error(f"invalid --batch {args.batch}; expected 1 or more")
 

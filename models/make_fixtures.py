@@ -42,15 +42,16 @@ FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures"
 MANIFEST_NAME = "MANIFEST.json"
 DEMO_PATH = REPO_ROOT / "models" / "deit_tiny_demo.onnx"
 
-# Seed of the random input used to compare onnxruntime with PyTorch; the weight
+# Seed of the random input used to compare onnxruntime with PyTorch. The weight
 # seed of every fixture is 0.
 VERIFY_INPUT_SEED = 1
 # Batch size used to check that a dynamic-batch fixture really accepts another batch.
 DYNAMIC_BATCH_CHECK = 3
 # Maximum absolute logit difference accepted between onnxruntime and PyTorch.
-# float16 graphs are compared with the float32 PyTorch model, hence the looser bound.
+# The float16 graphs are compared with the float32 PyTorch model: on 20 random
+# inputs their error was at most 2.2e-4 (onnxruntime 1.32 CPU, logits within +-0.35).
 FLOAT32_TOLERANCE = 1e-4
-FLOAT16_TOLERANCE = 2e-2
+FLOAT16_TOLERANCE = 2e-3
 
 SMALL = {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": (64, 64), "patch_size": 16, "num_classes": 10}
 TIMM_DEIT = ModelConfig(kind="timm-deit", **SMALL)
@@ -66,6 +67,11 @@ TIMM_DEIT_W78 = ModelConfig(
 )
 TINY_CNN = ModelConfig(kind="tiny-cnn", img_size=(32, 32), num_classes=10)
 DEMO = ModelConfig(kind="timm-deit", **export.PRESETS["deit-tiny"])
+
+# Node metadata key in which the dynamo exporter stores Python stack traces. They
+# contain absolute paths of the exporting machine and line numbers of export.py,
+# so fixtures drop them to stay reproducible. The other metadata keys are kept.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 MODEL_SOURCES = {
     "timm-deit": "timm.models.vision_transformer.VisionTransformer",
@@ -150,7 +156,10 @@ def convert_to_float16(source: Path, output: Path, fixture: Fixture, keep_io_typ
 
 
 def save_with_external_data(source: Path, output: Path, fixture: Fixture) -> dict:
-    export.save_model(onnx.load(str(source)), output, external_data=True)
+    # size_threshold=0 moves every initializer, shape tensors included. onnxruntime
+    # 1.32 still loads this TorchScript graph because its shape tensors are Constant
+    # nodes, which stay inline.
+    export.save_model(onnx.load(str(source)), output, external_data=True, size_threshold=0)
     return {
         "post_processor": (
             "onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True, "
@@ -373,7 +382,12 @@ def value_info_summary(value: onnx.ValueInfoProto) -> dict:
 
 def config_summary(config: ModelConfig) -> dict:
     if config.kind == "tiny-cnn":
-        return {"channels": [16, 32], "classes": config.num_classes, "image_size": list(config.img_size)}
+        return {"channels": list(export.TINY_CNN_CHANNELS), "classes": config.num_classes, "image_size": list(config.img_size)}
+
+    if config.kind.startswith("timm"):
+        attention = "sdpa" if config.sdpa else "explicit"
+    else:
+        attention = config.attn
     return {
         "width": config.embed_dim,
         "depth": config.depth,
@@ -383,40 +397,52 @@ def config_summary(config: ModelConfig) -> dict:
         "image_size": list(config.img_size),
         "patch_size": config.patch_size,
         "mlp_ratio": config.mlp_ratio,
-        "attention": ("sdpa" if config.sdpa else "explicit") if config.kind.startswith("timm") else config.attn,
+        "attention": attention,
         "layer_norm_eps": 1e-12 if config.kind.startswith("hf") else 1e-6,
     }
 
 
+def strip_stack_traces(model: onnx.ModelProto) -> int:
+    """Remove the STACK_TRACE_KEY metadata of every node in place; return how many were removed."""
+    removed = 0
+    for node in model.graph.node:
+        kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE_KEY]
+        removed += len(node.metadata_props) - len(kept)
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return removed
+
+
 def export_fixture(fixture: Fixture, output: Path) -> tuple[torch.nn.Module, dict]:
     """Export and post-process one fixture into output; return the PyTorch model and manifest details."""
-    if fixture.post_process is None:
-        model, _ = export.export_model(
-            fixture.config,
-            output,
-            exporter=fixture.exporter,
-            opset=fixture.opset,
-            dynamic_batch=fixture.dynamic_batch,
-            constant_folding=fixture.constant_folding,
-        )
-        return model, {"post_processor": None}
-
     with tempfile.TemporaryDirectory(prefix="vit2bpu-fixture-") as scratch:
-        source = Path(scratch) / "exported.onnx"
-        model, _ = export.export_model(
+        exported = Path(scratch) / "exported.onnx"
+        model, proto = export.export_model(
             fixture.config,
-            source,
+            exported,
             exporter=fixture.exporter,
             opset=fixture.opset,
             dynamic_batch=fixture.dynamic_batch,
             constant_folding=fixture.constant_folding,
         )
-        details = POST_PROCESSORS[fixture.post_process](source, output, fixture)
+        details = {"post_processor": None}
+        if strip_stack_traces(proto):
+            details["removed_node_metadata"] = STACK_TRACE_KEY
+        if fixture.post_process is None:
+            export.save_model(proto, output, external_data=False)
+            return model, details
+
+        source = Path(scratch) / "source.onnx"
+        export.save_model(proto, source, external_data=False)
+        details.update(POST_PROCESSORS[fixture.post_process](source, output, fixture))
     return model, details
 
 
 def verify_fixture(fixture: Fixture, model: torch.nn.Module, path: Path) -> dict:
-    """Check, run and compare one saved fixture; raise RuntimeError when its output is off."""
+    """Check, run and compare one saved fixture.
+
+    Raises RuntimeError when onnxruntime's output differs from PyTorch's by more than the tolerance.
+    """
     results = {"checker": run_checker(path)}
     example = export.make_example_input(fixture.config, batch=1, seed=VERIFY_INPUT_SEED)
     error = max_abs_error(model, path, example)
@@ -436,10 +462,22 @@ def verify_fixture(fixture: Fixture, model: torch.nn.Module, path: Path) -> dict
     return results
 
 
-def manifest_entry(fixture: Fixture, path: Path, details: dict, verification: dict) -> dict:
-    model = onnx.load(str(path), load_external_data=False)
-    opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
-    op_counts = collections.Counter(node.op_type for node in model.graph.node)
+def find_zero_gamma(model: torch.nn.Module) -> dict | None:
+    """Return the module name and zero channels of the first LayerNorm whose gamma has exact zeros."""
+    for name, module in export.unwrap(model).named_modules():
+        if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+            zeros = (module.weight == 0).nonzero().flatten().tolist()
+            if zeros:
+                return {"module": name, "channels": zeros}
+    return None
+
+
+def manifest_entry(
+    fixture: Fixture, model: torch.nn.Module, path: Path, details: dict, verification: dict
+) -> dict:
+    proto = onnx.load(str(path), load_external_data=False)
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    op_counts = collections.Counter(node.op_type for node in proto.graph.node)
     exporter = f"torch.onnx.export(dynamo={fixture.exporter == 'dynamo'})"
     if fixture.exporter == "torchscript":
         exporter += f", do_constant_folding={fixture.constant_folding}"
@@ -451,6 +489,7 @@ def manifest_entry(fixture: Fixture, path: Path, details: dict, verification: di
         "generator": f"models/make_fixtures.py --only {fixture.name}",
         "source_model": MODEL_SOURCES[fixture.config.kind],
         "weights": "random, seed 0 (export.randomize_weights)",
+        "layer_norm_gamma_zeros": find_zero_gamma(model),
         "exporter": exporter,
         "requested_opset": fixture.opset,
         "opset": opsets.get("ai.onnx"),
@@ -458,9 +497,9 @@ def manifest_entry(fixture: Fixture, path: Path, details: dict, verification: di
         **details,
         "versions": package_versions(),
         "config": config_summary(fixture.config),
-        "input": value_info_summary(model.graph.input[0]),
-        "output": value_info_summary(model.graph.output[0]),
-        "node_count": len(model.graph.node),
+        "input": value_info_summary(proto.graph.input[0]),
+        "output": value_info_summary(proto.graph.output[0]),
+        "node_count": len(proto.graph.node),
         "op_counts": dict(op_counts.most_common()),
         **verification,
     }
@@ -485,7 +524,7 @@ def make_fixture(fixture: Fixture, output_dir: Path) -> list[dict]:
     LOG.info("generating %s", fixture.name)
     model, details = export_fixture(fixture, path)
     verification = verify_fixture(fixture, model, path)
-    entry = manifest_entry(fixture, path, details, verification)
+    entry = manifest_entry(fixture, model, path, details, verification)
     LOG.info(
         "%s: %d bytes, opset %s, max abs error vs PyTorch %.3g",
         fixture.name,

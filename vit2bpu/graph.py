@@ -138,7 +138,9 @@ class GraphEditor:
         self.names = NameAllocator(graph)
 
     def constant(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.names.new(base), np.ascontiguousarray(value))
+        value = np.asarray(value)
+        # np.ascontiguousarray would turn a rank-0 scalar into shape [1]; keep the rank.
+        return gs.Constant(self.names.new(base), value if value.flags.c_contiguous else value.copy())
 
     def variable(self, base: str, dtype, shape: Sequence[int] | None) -> gs.Variable:
         return gs.Variable(self.names.new(base), dtype=dtype, shape=list(shape) if shape is not None else None)

@@ -17,11 +17,15 @@ from ..pass_manager import Pass, PassContext, PassResult
 
 
 def _per_channel(node: gs.Node, op: str) -> tuple[gs.Tensor, np.ndarray] | None:
-    """For ``op(x, c)`` with c of shape [1, C, 1, 1], return (x, c flattened)."""
+    """For ``op(x, c)`` with c of shape [1, C, 1, 1] and C > 1, return (x, c flattened).
+
+    Scalars are left alone: folding GELU's 0.5 into the next Conv would break the
+    Erf chain that the toolchain fuses into one lookup table.
+    """
     if node is None or node.op != op or len(node.inputs) != 2:
         return None
     value = const_value(node.inputs[1])
-    if value is None or value.ndim != 4 or value.shape[0] != 1 or value.shape[2:] != (1, 1):
+    if value is None or value.ndim != 4 or value.shape[0] != 1 or value.shape[2:] != (1, 1) or value.shape[1] < 2:
         return None
     return node.inputs[0], value.reshape(-1)
 
