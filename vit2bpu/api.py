@@ -63,6 +63,7 @@ def convert(model: onnx.ModelProto | str | os.PathLike, options: ConvertOptions 
 
     # 2. Run the passes in their declared order.
     graph = gs.import_onnx(working)
+    graph.toposort()  # some post-processors (onnxruntime's float16 converter) leave nodes unsorted
     ctx = PassContext(options=options, opset=default_opset(working))
     pipeline = build_pipeline(list(options.passes) if options.passes is not None else None)
     report.passes = run_passes(graph, pipeline, ctx)

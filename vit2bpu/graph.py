@@ -203,10 +203,11 @@ def light_model(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
         model.graph.input.extend(extra_inputs)
-    if opset is not None:
-        for entry in model.opset_import:
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = opset
+    # onnx-graphsurgeon exports the opset imports it read, not graph.opset, so set the default domain here.
+    opset = opset if opset is not None else graph.opset
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
     return model
 
 
@@ -238,7 +239,15 @@ def infer_shapes(graph: gs.Graph) -> None:
                     dims.append(dim.dim_param)
                 else:
                     dims.append(None)
-            tensor.shape = dims
+            tensor.shape = _merge_dims(tensor.shape, dims)
+
+
+def _merge_dims(known, inferred):
+    """Prefer a static dimension over a symbolic one; inference can lose what a pass stated."""
+    if known is None or len(known) != len(inferred):
+        return inferred
+    return [k if isinstance(k, (int, np.integer)) and (not isinstance(i, (int, np.integer))) else i
+            for k, i in zip(known, inferred)]
 
 
 def cleanup(graph: gs.Graph) -> None:

@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from .errors import ParityError, UsageError
+from .errors import ParityError, UsageError, Vit2BpuError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ def _session(model: onnx.ModelProto | str, what: str):
         if isinstance(model, onnx.ModelProto):
             opset = next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), None)
         first = str(exc).strip().splitlines()[0][:300]
+        if what == "converted":
+            raise Vit2BpuError(f"onnxruntime {ort.__version__} cannot run the converted model: {first}",
+                               hint="this is a vit2bpu bug; please report it with the input model") from None
         raise ParityError(f"onnxruntime {ort.__version__} cannot run the {what} model"
                           + (f" (opset {opset})" if opset else "") + f": {first}",
                           hint="skip the check with --no-parity, or run it where a newer onnxruntime is installed") from None

@@ -1,7 +1,7 @@
 """The rewrite passes, one module each, and the order the pipeline runs them in.
 
-Preparation (every conversion): ``pin_shapes`` -> ``fold_constants`` -> ``lower_opset``.
-Rewrites (selectable with ``--passes``): ``patch_embed`` -> ``linear`` -> ``layernorm``
+Preparation (every conversion): ``lower_contrib`` -> ``pin_shapes`` -> ``fold_constants`` -> ``lower_opset``.
+Rewrites (selectable with ``--passes``): ``restore_tokens`` -> ``patch_embed`` -> ``linear`` -> ``layernorm``
 -> ``attention`` -> ``layout`` -> ``fold_norm_affine``.
 Finishing (every conversion): ``lower_adapters``.
 """
@@ -16,12 +16,14 @@ from .layernorm import LayerNormToChannels
 from .layout import PropagateLayout
 from .linear import LinearToConv
 from .lower_adapters import LowerLayoutAdapters
+from .lower_contrib import LowerContribOps
 from .lower_opset import LowerToOpset11
 from .patch_embed import PatchEmbedToTokensOnW
 from .pin_shapes import PinInputShapes
+from .restore_tokens import RestoreTokenAxis
 
-PREPARE = (PinInputShapes, FoldConstants, LowerToOpset11)
-REWRITES = (PatchEmbedToTokensOnW, LinearToConv, LayerNormToChannels, AttentionToChannels, PropagateLayout,
+PREPARE = (LowerContribOps, PinInputShapes, FoldConstants, LowerToOpset11)
+REWRITES = (RestoreTokenAxis, PatchEmbedToTokensOnW, LinearToConv, LayerNormToChannels, AttentionToChannels, PropagateLayout,
             FoldNormAffine)
 FINISH = (LowerLayoutAdapters,)
 
@@ -51,5 +53,5 @@ def build_pipeline(selected: list[str] | None = None) -> list:
 
 
 __all__ = ["AttentionToChannels", "FoldConstants", "FoldNormAffine", "LayerNormToChannels", "LinearToConv",
-           "LowerLayoutAdapters", "LowerToOpset11", "PatchEmbedToTokensOnW", "PinInputShapes", "PropagateLayout",
+           "LowerContribOps", "LowerLayoutAdapters", "LowerToOpset11", "PatchEmbedToTokensOnW", "PinInputShapes", "PropagateLayout", "RestoreTokenAxis",
            "build_pipeline", "REWRITE_NAMES"]

@@ -4,7 +4,9 @@ Matched forms (after constant folding, so a Transpose node on the weight is
 already folded into the initializer):
 
 - ``MatMul(x, W[Cin, Cout])``, optionally followed by ``Add(y, b)`` or ``Add(b, y)``;
-- ``Gemm(x, W, b)`` with ``transA`` 0 and ``transB`` 0 or 1, any ``alpha``/``beta``.
+- ``Gemm(x, W, b)`` with ``transA`` 0 and ``transB`` 0 or 1, any ``alpha``/``beta``;
+- ``MatMul(x, W) -> Split(last axis)`` with optional bias Adds per part (onnxsim's
+  merged q/k/v projections): one Conv per part.
 
 ``x`` is a token stream ``[B, N, Cin]`` or a vector ``[B, Cin]``. The Conv runs on
 the channels-first form of ``x`` with weight ``[Cout, Cin, 1, 1]``; alpha, beta
@@ -34,6 +36,8 @@ class LinearToConv(Pass):
             else:
                 continue
             if match is None:
+                continue
+            if node.op == "MatMul" and self._split_outputs(node, graph, editor, match[1], result):
                 continue
             x, weight, bias, output, replaced = match
             self._rewrite(editor, graph, node, x, weight, bias, output)
@@ -75,6 +79,33 @@ class LinearToConv(Pass):
                     replaced.append(add)
         return x, kernel, bias, output, replaced
 
+    def _split_outputs(self, node: gs.Node, graph: gs.Graph, editor: GraphEditor, kernel: np.ndarray,
+                       result: PassResult) -> bool:
+        """Rewrite ``MatMul(x, W) -> Split(last axis) -> optional bias Adds`` as one Conv per part.
+
+        onnxsim merges the q, k and v projections of some models this way.
+        """
+        split = only_consumer(node.outputs[0], graph)
+        rank = len(node.inputs[0].shape)
+        if split is None or split.op != "Split" or attr(split, "axis", 0) % rank != rank - 1:
+            return False
+        sizes = attr(split, "split") or [kernel.shape[0] // len(split.outputs)] * len(split.outputs)
+        start = 0
+        for part, size in zip(split.outputs, sizes):
+            part_kernel = kernel[start:start + size]
+            start += size
+            bias, output = None, part
+            add = only_consumer(part, graph)
+            matched = split_const_operand(add) if add is not None and add.op == "Add" else None
+            if matched is not None and matched[1].size == size and matched[1].shape[-1:] == (size,):
+                bias, output = matched[1].reshape(size), add.outputs[0]
+                result.record(add.name, f"{split.name}/{part.name}/conv")
+            self._rewrite(editor, graph, split, node.inputs[0], part_kernel, bias, output, base=f"{node.name}/{part.name}")
+        result.rewritten += 1
+        result.record(node.name, *[f"{node.name}/{part.name}/conv" for part in split.outputs])
+        result.record(split.name, *[f"{node.name}/{part.name}/conv" for part in split.outputs])
+        return True
+
     def _match_gemm(self, node: gs.Node, result: PassResult):
         a = node.inputs[0]
         weight = const_value(node.inputs[1])
@@ -103,9 +134,9 @@ class LinearToConv(Pass):
         return a, kernel, bias, node.outputs[0], []
 
     def _rewrite(self, editor: GraphEditor, graph: gs.Graph, node: gs.Node, x: gs.Tensor,
-                 kernel: np.ndarray, bias: np.ndarray | None, output: gs.Variable) -> None:
+                 kernel: np.ndarray, bias: np.ndarray | None, output: gs.Variable, base: str | None = None) -> None:
         # 1. Bring x into the channels-first layout.
-        base = node.name
+        base = base or node.name
         x4 = to_channels_first(editor, x, base)
         kind = kind_for_rank(len(x.shape))
 

@@ -17,14 +17,13 @@ compared with the one in force at opset 11:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedModelError
-from ..graph import GraphEditor, attr, const_value, rank_of, replace_tensor
+from ..decompose import emit_attention, emit_gelu, emit_layer_norm
+from ..graph import GraphEditor, attr, const_value, infer_shapes, rank_of, replace_tensor
 from ..pass_manager import Pass, PassContext, PassResult
 
 TARGET_OPSET = 11
@@ -86,7 +85,10 @@ class LowerToOpset11(Pass):
             if node.domain not in ("", "ai.onnx", None):
                 continue  # other domains are lowered by their own passes or rejected when the model is finished
             lowering = _LOWERINGS.get(node.op)
-            if lowering is not None and _schema_version(node.op, source_opset) != _schema_version(node.op, TARGET_OPSET):
+            current = _schema_version(node.op, source_opset)
+            # current is None for ops written above their opset, e.g. LayerNormalization in the
+            # opset-14 graphs onnxruntime's optimizer saves.
+            if lowering is not None and (current is None or current != _schema_version(node.op, TARGET_OPSET)):
                 if lowering(node, graph, editor):
                     result.rewritten += 1
                     result.record(node.name, node.name)
@@ -94,6 +96,8 @@ class LowerToOpset11(Pass):
             self._keep_or_reject(node, source_opset, result)
         ctx.opset = TARGET_OPSET
         graph.opset = TARGET_OPSET
+        # Decompositions of ops with 3-D inputs leave some shapes open; infer them at opset 11.
+        infer_shapes(graph)
 
     def _keep_or_reject(self, node: gs.Node, source_opset: int, result: PassResult) -> None:
         old = _schema_version(node.op, TARGET_OPSET)
@@ -215,52 +219,18 @@ def _bypass(node: gs.Node, graph: gs.Graph) -> None:
     replace_tensor(graph, y, x)
 
 
-def _scalar(value: float, dtype) -> np.ndarray:
-    return np.array(value, dtype=dtype)
-
-
 def _layer_normalization(node: gs.Node, graph: gs.Graph, editor: GraphEditor) -> bool:
-    """Decompose LayerNormalization (opset 17) into the ReduceMean chain opset 11 can express.
-
-    With fp16 input and ``stash_type`` 1 the statistics are computed in fp32, as the op specifies.
-    """
+    """Decompose LayerNormalization (opset 17) into the ReduceMean chain opset 11 can express."""
     if any(out.outputs or out in graph.outputs for out in node.outputs[1:]):
         raise _unsupported(node, "the Mean or InvStdDev output is used; only Y can be lowered")
     x, scale = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    rank = rank_of(x)
-    if rank is None:
+    if rank_of(x) is None:
         raise _unsupported(node, "the input rank is unknown", hint="pin the input shapes with --input-shape")
-    axis = attr(node, "axis", -1) % rank
-    epsilon = float(attr(node, "epsilon", 1e-5))
-    axes = list(range(axis, rank))
-    shape = list(x.shape)
-    stat_shape = shape[:axis] + [1] * (rank - axis)
     y = node.outputs[0]
-    base = node.name
     node.inputs, node.outputs = [], []
-
-    dtype = np.dtype(x.dtype)
-    compute = dtype
-    if dtype != np.float32 and attr(node, "stash_type", 1) == 1:
-        compute = np.dtype(np.float32)
-        x = editor.out("Cast", f"{base}/cast_in", [x], attrs={"to": onnx.TensorProto.FLOAT}, dtype=compute, shape=shape)
-    mean = editor.out("ReduceMean", f"{base}/mean", [x], attrs={"axes": axes, "keepdims": 1}, dtype=compute, shape=stat_shape)
-    centred = editor.out("Sub", f"{base}/sub", [x, mean], dtype=compute, shape=shape)
-    square = editor.out("Mul", f"{base}/square", [centred, centred], dtype=compute, shape=shape)
-    var = editor.out("ReduceMean", f"{base}/var", [square], attrs={"axes": axes, "keepdims": 1}, dtype=compute, shape=stat_shape)
-    var_eps = editor.out("Add", f"{base}/add_eps", [var, editor.constant(f"{base}/epsilon", _scalar(epsilon, compute))],
-                         dtype=compute, shape=stat_shape)
-    std = editor.out("Sqrt", f"{base}/std", [var_eps], dtype=compute, shape=stat_shape)
-    normed = editor.out("Div", f"{base}/normalize", [centred, std], dtype=compute, shape=shape)
-    if compute != dtype:
-        normed = editor.out("Cast", f"{base}/cast_out", [normed], attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)},
-                            dtype=dtype, shape=shape)
-    if bias is None:
-        editor.node("Mul", f"{base}/scale", [normed, scale], outputs=[y])
-    else:
-        scaled = editor.out("Mul", f"{base}/scale", [normed, scale], dtype=dtype, shape=shape)
-        editor.node("Add", f"{base}/bias", [scaled, bias], outputs=[y])
+    emit_layer_norm(editor, x, scale, bias, y, node.name, axis=attr(node, "axis", -1),
+                    epsilon=float(attr(node, "epsilon", 1e-5)), stash_type=attr(node, "stash_type", 1))
     return True
 
 
@@ -268,36 +238,51 @@ def _gelu(node: gs.Node, graph: gs.Graph, editor: GraphEditor) -> bool:
     """Decompose Gelu (opset 20): the exact form into the Erf chain, the tanh form into its polynomial."""
     x, y = node.inputs[0], node.outputs[0]
     approximate = attr(node, "approximate", "none")
-    lower_gelu(editor, x, y, node.name, approximate)
+    emit_gelu(editor, x, y, node.name, approximate)
     node.inputs, node.outputs = [], []
     return True
 
 
-def lower_gelu(editor: GraphEditor, x: gs.Tensor, y: gs.Variable, base: str, approximate: str = "none") -> None:
-    """Write ``y = GELU(x)`` with opset-11 ops, exact (Erf) or the tanh approximation."""
-    dtype = np.dtype(x.dtype)
-    shape = x.shape
-    half = editor.constant(f"{base}/half", _scalar(0.5, dtype))
-    one = editor.constant(f"{base}/one", _scalar(1.0, dtype))
-    if approximate == "tanh":
-        cube = editor.out("Mul", f"{base}/square", [x, x], dtype=dtype, shape=shape)
-        cube = editor.out("Mul", f"{base}/cube", [cube, x], dtype=dtype, shape=shape)
-        cube = editor.out("Mul", f"{base}/cube_coeff", [cube, editor.constant(f"{base}/coeff", _scalar(0.044715, dtype))],
-                          dtype=dtype, shape=shape)
-        inner = editor.out("Add", f"{base}/inner", [x, cube], dtype=dtype, shape=shape)
-        inner = editor.out("Mul", f"{base}/inner_scale",
-                           [inner, editor.constant(f"{base}/sqrt_2_over_pi", _scalar(math.sqrt(2.0 / math.pi), dtype))],
-                           dtype=dtype, shape=shape)
-        core = editor.out("Tanh", f"{base}/tanh", [inner], dtype=dtype, shape=shape)
-    elif approximate == "none":
-        scaled = editor.out("Div", f"{base}/div_sqrt2", [x, editor.constant(f"{base}/sqrt2", _scalar(math.sqrt(2.0), dtype))],
-                            dtype=dtype, shape=shape)
-        core = editor.out("Erf", f"{base}/erf", [scaled], dtype=dtype, shape=shape)
-    else:
-        raise UnsupportedModelError(f"unknown Gelu approximation '{approximate}'", node=base, op_type="Gelu")
-    plus_one = editor.out("Add", f"{base}/add_one", [core, one], dtype=dtype, shape=shape)
-    times_x = editor.out("Mul", f"{base}/mul_x", [x, plus_one], dtype=dtype, shape=shape)
-    editor.node("Mul", f"{base}/mul_half", [times_x, half], outputs=[y])
+def _attention(node: gs.Node, graph: gs.Graph, editor: GraphEditor) -> bool:
+    """Decompose the Attention op (opset 23) into MatMul, Softmax and MatMul.
+
+    4-D inputs ``[B, H, S, D]`` are used as they are; 3-D inputs ``[B, S, H*D]``
+    are split into heads with ``q_num_heads``/``kv_num_heads`` and merged back.
+    """
+    if attr(node, "is_causal", 0):
+        raise _unsupported(node, "causal attention is not a ViT pattern vit2bpu converts")
+    if attr(node, "softcap", 0.0):
+        raise _unsupported(node, "softcap has no opset-11 form in vit2bpu")
+    if any(t.name for t in node.inputs[4:]) or any(o.outputs or o in graph.outputs for o in node.outputs[1:]):
+        raise _unsupported(node, "past key/value inputs or extra outputs are used")
+    q, k, v = node.inputs[:3]
+    mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    y = node.outputs[0]
+    node.inputs, node.outputs = [], []
+    scale = attr(node, "scale")
+    if rank_of(q) == 4:
+        emit_attention(editor, q, k, v, y, node.name, scale=scale, mask=mask)
+        return True
+    q_heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+    if rank_of(q) != 3 or not q_heads or q_heads != kv_heads:
+        raise _unsupported(node, "3-D inputs need equal q_num_heads and kv_num_heads")
+    dtype = q.dtype
+
+    def split_heads(tensor: gs.Tensor, role: str) -> gs.Variable:
+        four = editor.out("Reshape", f"{node.name}/{role}_heads",
+                          [tensor, editor.constant(f"{node.name}/{role}_shape", np.array([0, 0, q_heads, -1], np.int64))],
+                          dtype=dtype, shape=None)
+        return editor.out("Transpose", f"{node.name}/{role}_transpose", [four], attrs={"perm": [0, 2, 1, 3]},
+                          dtype=dtype, shape=None)
+
+    context = editor.variable(f"{node.name}/context", dtype, None)
+    emit_attention(editor, split_heads(q, "q"), split_heads(k, "k"), split_heads(v, "v"), context, node.name,
+                   scale=scale, mask=mask)
+    moved = editor.out("Transpose", f"{node.name}/merge_transpose", [context], attrs={"perm": [0, 2, 1, 3]},
+                       dtype=dtype, shape=None)
+    editor.node("Reshape", f"{node.name}/merge_heads",
+                [moved, editor.constant(f"{node.name}/merge_shape", np.array([0, 0, -1], np.int64))], outputs=[y])
+    return True
 
 
 def _shape(node: gs.Node, graph: gs.Graph, editor: GraphEditor) -> bool:
@@ -342,6 +327,7 @@ _LOWERINGS = {
     "Dropout": _dropout,
     "LayerNormalization": _layer_normalization,
     "Gelu": _gelu,
+    "Attention": _attention,
     "Shape": _shape,
     "GreaterOrEqual": _comparison_or_equal("GreaterOrEqual"),
     "LessOrEqual": _comparison_or_equal("LessOrEqual"),
