@@ -269,6 +269,13 @@ FIXTURES = [
         opset=18,
     ),
     Fixture(
+        name="timm_deit_sdpa_dynamo_op23.onnx",
+        config=TIMM_DEIT_SDPA,
+        description="timm DeiT, fused attention, dynamo exporter, opset 23 (ONNX Attention op)",
+        exporter="dynamo",
+        opset=23,
+    ),
+    Fixture(
         name="hf_vit_sdpa_dynamo_op18.onnx",
         config=HF_VIT_SDPA,
         description="transformers ViTForImageClassification, sdpa attention, dynamo exporter, opset 18",
