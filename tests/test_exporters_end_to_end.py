@@ -36,22 +36,25 @@ VARIANTS = {
 }
 
 
-def _needs_newer_onnxruntime(path) -> bool:
+def _onnxruntime_refuses(path) -> str | None:
+    """The reason the installed onnxruntime cannot load the original model (too new an opset or IR), or None."""
     import onnxruntime
 
-    opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == "")
-    major, minor = (int(p) for p in onnxruntime.__version__.split(".")[:2])
-    # onnxruntime 1.16 runs up to opset 19; 1.17 added 20, 1.22 added 23.
-    newest = 19 if (major, minor) < (1, 17) else 21 if (major, minor) < (1, 22) else 23
-    return opset > newest
+    try:
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        return str(exc).splitlines()[0][:200]
+    return None
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request):
     path = fixture_path(request.param)
-    if _needs_newer_onnxruntime(path):
-        pytest.skip("the installed onnxruntime cannot run this opset for the parity check")
-    model, report = vit2bpu.convert(path)
+    opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == "")
+    if opset > onnx.defs.onnx_opset_version():
+        pytest.skip(f"the installed onnx {onnx.__version__} does not know opset {opset}")
+    # The conversion itself needs no onnxruntime support for the input's opset; the parity test does.
+    model, report = vit2bpu.convert(path, parity=False)
     return request.param, path, model, report
 
 
@@ -69,8 +72,12 @@ def test_variant_every_block(variant):
 
 
 def test_variant_parity(variant):
-    name, path, model, report = variant
+    name, path, model, _ = variant
+    refused = _onnxruntime_refuses(path)
+    if refused:
+        pytest.skip(f"onnxruntime cannot run the original: {refused}")
     min_cosine, max_error = VARIANTS[name]
+    _, report = vit2bpu.convert(path)
     assert report.parity_passed
     original = onnx.load(str(path))
     feeds = random_input(original, seed=7)

@@ -108,3 +108,16 @@ def test_op_without_opset11_form_is_rejected_by_name():
 def test_opset10_is_upgraded():
     model = single_op_model([helper.make_node("Relu", ["x"], ["y"])], [_io("x", [2, 3])], [_io("y", [2, 3])], opset=10)
     _convert(model)
+
+
+def test_opset_newer_than_installed_onnx_is_an_input_error():
+    import onnx
+
+    from vit2bpu.errors import InputModelError
+
+    model = single_op_model([helper.make_node("Relu", ["x"], ["y"])], [_io("x", [2, 3])], [_io("y", [2, 3])], opset=14)
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    with pytest.raises(InputModelError) as error:
+        vit2bpu.convert(model, parity=False)
+    assert f"opset {onnx.defs.onnx_opset_version() + 1}" in str(error.value)
+    assert error.value.exit_code == 3
