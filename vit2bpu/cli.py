@@ -1,4 +1,8 @@
-"""Command line: ``vit2bpu IN.onnx OUT.onnx [options]``.
+"""Command line: ``vit2bpu IN.onnx OUT.onnx [options]`` and the subcommands.
+
+``vit2bpu IN OUT`` (or ``vit2bpu convert IN OUT``) converts; ``check``, ``hb-config``,
+``calibrate``, ``quantize``, ``eval`` and ``diff`` each live in their own module,
+which provides ``add_arguments(parser)`` and ``run(args) -> int``.
 
 Exit codes (also in README.md):
 0 success; 1 internal error; 2 invalid option; 3 invalid input model;
@@ -30,6 +34,20 @@ EXIT_CODES_HELP = """exit codes:
 """
 
 
+# subcommand -> (module, one-line description)
+COMMANDS = {
+    "check": ("vit2bpu.check", "predict which nodes of a model run on the BPU or the CPU of a target, and why"),
+    "hb-config": ("vit2bpu.hbconfig", "write a hb_mapper makertbin YAML for a converted model"),
+    "calibrate": ("vit2bpu.calibrate", "write calibration tensors (.npy) from a folder of images"),
+    "quantize": ("vit2bpu.quantize", "simulate INT8 (onnxruntime QDQ) and report agreement with FP32"),
+    "eval": ("vit2bpu.evaluate", "top-1/top-5 accuracy of a model on an ImageNet-style folder"),
+    "diff": ("vit2bpu.diff", "per-block parity between an original and a converted model"),
+}
+
+COMMANDS_HELP = "other commands (vit2bpu COMMAND --help):\n" + "\n".join(
+    f"  {name:<10} {description}" for name, (_, description) in COMMANDS.items())
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message, hint=f"see '{self.prog} --help'")
@@ -41,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rewrite an exported ViT/DeiT ONNX model into the opset-11, all-4-D convolution form "
                     "(1x1 Convs, channel-axis LayerNorm, 4-D attention) that BPU-style NPUs run fast, "
                     "then check numerical parity with onnxruntime.",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=COMMANDS_HELP + "\n\n" + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="input .onnx file (any opset from 9; external data beside it is read)")
     parser.add_argument("output", help="output .onnx file, written atomically at opset 11")
     parser.add_argument("--target", choices=sorted(TARGETS), default="x5",
@@ -121,13 +139,38 @@ def _convert(args) -> int:
     return EXIT_OK
 
 
+def build_command_parser(name: str):
+    """Return (parser, module) for a subcommand."""
+    import importlib
+
+    module_name, description = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = _Parser(prog=f"vit2bpu {name}", description=description, epilog=EXIT_CODES_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v, -vv)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks and debug logs")
+    return parser, module
+
+
+def _configure_logging(args) -> None:
+    level = logging.DEBUG if args.debug or args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        if argv and argv[0] in COMMANDS:
+            parser, module = build_command_parser(argv[0])
+            args = parser.parse_args(argv[1:])
+            _configure_logging(args)
+            return module.run(args)
+        if argv and argv[0] == "convert":
+            argv = argv[1:]
         args = build_parser().parse_args(argv)
-        level = logging.DEBUG if args.debug or args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        _configure_logging(args)
         if Path(args.output).suffix.lower() != ".onnx" and not args.force:
             raise UsageError(f"output '{args.output}' does not end in .onnx", hint="pass --force to write it anyway")
         return _convert(args)
