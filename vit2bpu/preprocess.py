@@ -11,8 +11,10 @@ that normalisation happens is one setting, ``normalize``:
   ``scale_value`` = 1 / (255 * std)), so calibration data is written
   unnormalised, as float32 pixel values in [0, 255].
 
-``calibrate`` records the setting in ``preprocess.json`` inside its output
-folder, and ``hb-config`` reads it from there, so the YAML and the data always agree.
+``calibrate`` writes the tensors into ``OUT_DIR/data/`` and records the setting
+in ``OUT_DIR/preprocess.json``; ``hb-config`` reads it from there, so the YAML and
+the data always agree. The data sits in a subfolder because hb_mapper reads every
+file in ``cal_data_dir`` as a tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .errors import InputModelError, UsageError
 
 NORMALIZE_CHOICES = ("model", "hb_mapper")
 SETTINGS_FILE = "preprocess.json"
+DATA_SUBDIR = "data"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,16 +55,18 @@ class Preprocess:
             raise UsageError(f"unknown interpolation '{self.interpolation}'")
         if any(s <= 0 for s in self.std):
             raise UsageError(f"std values must be positive, got {list(self.std)}")
-        if self.resize < min(self.size):
-            raise UsageError(f"resize {self.resize} is smaller than the crop {list(self.size)}")
+        # The shorter side is resized to ``resize``, so the crop fits any aspect ratio only when
+        # both of its sides are at most ``resize``.
+        if self.resize < max(self.size):
+            raise UsageError(f"resize {self.resize} is smaller than a side of the crop {list(self.size)}")
 
     def hb_mean_value(self) -> list[float]:
         """hb_mapper's ``mean_value``: the mean in 0-255 pixel units."""
-        return [round(255.0 * m, 4) for m in self.mean]
+        return [255.0 * m for m in self.mean]
 
     def hb_scale_value(self) -> list[float]:
         """hb_mapper's ``scale_value``: multiplies (pixel - mean), so 1 / (255 * std)."""
-        return [round(1.0 / (255.0 * s), 8) for s in self.std]
+        return [1.0 / (255.0 * s) for s in self.std]
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -112,7 +117,7 @@ def from_options(preset: str = "timm-deit", size: tuple[int, int] | None = None,
         config.size = tuple(size)
         if resize is None:
             # Keep the preset's crop ratio for another input size.
-            config.resize = int(round(values["resize"] * config.size[0] / 224))
+            config.resize = int(round(values["resize"] * max(config.size) / 224))
     if resize is not None:
         config.resize = resize
     if interpolation is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
-LAYERNORM_FORMS = ("conv", "reducemean")
+LAYERNORM_FORMS = ("conv", "reducemean", "center")
 SOFTMAX_FORMS = ("keep", "decompose")
 
 
@@ -23,17 +23,18 @@ class Target:
     march: str
     description: str
     # How LayerNorm's mean and variance are computed over the channel axis:
-    # "conv" uses 1x1 convolutions C->1 with weights 1/C, "reducemean" uses ReduceMean(axes=[1]).
+    # "conv" uses 1x1 convolutions C->1 with weights 1/C, "reducemean" uses ReduceMean(axes=[1]),
+    # "center" subtracts the mean with one C->C 1x1 convolution (weights I - 1/C) instead of a Sub.
     layernorm: str
     # "keep" leaves Softmax as one op (the toolchain runs it on the CPU by default);
     # "decompose" writes ReduceMax, Sub, Exp, ReduceSum and Div, which the toolchain can place on the BPU.
     softmax: str
 
 
-# X3's BPU runs ReduceMean and Sub on the CPU, so the conv statistics keep more of
-# LayerNorm on the BPU there. On X5 and J5 both forms run on the BPU.
+# X3's BPU runs ReduceMean and Sub on the CPU (RDK X3 operator table), so its LayerNorm
+# subtracts the mean with a centring Conv. On X5 and J5 every form runs on the BPU.
 TARGETS = {
-    "x3": Target("x3", "bernoulli2", "RDK X3 / Journey 3 (BPU Bernoulli 2)", layernorm="conv", softmax="keep"),
+    "x3": Target("x3", "bernoulli2", "RDK X3 / Journey 3 (BPU Bernoulli 2)", layernorm="center", softmax="keep"),
     "x5": Target("x5", "bayes-e", "RDK X5 (BPU Bayes-e)", layernorm="conv", softmax="keep"),
     "j5": Target("j5", "bayes", "Journey 5 (BPU Bayes)", layernorm="conv", softmax="keep"),
 }

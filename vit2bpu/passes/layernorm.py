@@ -13,9 +13,11 @@ Emitted on ``x4 = [B, C, 1, N]``, with the statistics chosen by the target:
 
 - ``conv``: mean and variance are 1x1 convolutions C -> 1 with weights 1/C; epsilon
   is the variance convolution's bias;
-- ``reducemean``: ``ReduceMean(axes=[1])`` for both, then ``Add(eps)``.
+- ``reducemean``: ``ReduceMean(axes=[1])`` for both, then ``Add(eps)``;
+- ``center``: ``x - mean`` as one C -> C 1x1 Conv with weights ``I - 1/C`` (no Sub),
+  the variance as in ``conv``.
 
-then ``Sub``, ``Mul(d, d)`` (never Pow: the toolchain turns Pow into a lookup
+then ``Sub`` (except ``center``), ``Mul(d, d)`` (never Pow: the toolchain turns Pow into a lookup
 table), ``Sqrt``, ``Div`` and the per-channel gamma and beta.
 """
 
@@ -205,17 +207,24 @@ class LayerNormToChannels(Pass):
         first = len(editor.graph.nodes)
 
         # 2. Mean and variance over the channel axis.
-        if form == "conv":
-            # A 1x1 Conv C -> 1 with weights 1/C is the mean over C, and runs on the BPU of every chip.
-            average = np.full((1, channels, 1, 1), 1.0 / channels, dtype=dtype)
-            mean = editor.out("Conv", f"{base}/mean", [x4, editor.constant(f"{base}/mean_weight", average)],
-                              attrs={"kernel_shape": [1, 1]}, dtype=dtype, shape=stat_shape)
+        average = np.full((1, channels, 1, 1), 1.0 / channels, dtype=dtype)
+        if form == "center":
+            # x - mean(x) is linear in x: one C -> C 1x1 Conv with weights I - 1/C does it without
+            # the Sub and the broadcast over channels, which X3's BPU cannot run.
+            centring = (np.eye(channels, dtype=np.float64) - 1.0 / channels).astype(dtype)[:, :, None, None]
+            centred = editor.out("Conv", f"{base}/center", [x4, editor.constant(f"{base}/center_weight", centring)],
+                                 attrs={"kernel_shape": [1, 1]}, dtype=dtype, shape=shape4)
         else:
-            mean = editor.out("ReduceMean", f"{base}/mean", [x4], attrs={"axes": [1], "keepdims": 1},
-                              dtype=dtype, shape=stat_shape)
-        centred = editor.out("Sub", f"{base}/sub", [x4, mean], dtype=dtype, shape=shape4)
+            if form == "conv":
+                # A 1x1 Conv C -> 1 with weights 1/C is the mean over C, and runs on the BPU of every chip.
+                mean = editor.out("Conv", f"{base}/mean", [x4, editor.constant(f"{base}/mean_weight", average)],
+                                  attrs={"kernel_shape": [1, 1]}, dtype=dtype, shape=stat_shape)
+            else:
+                mean = editor.out("ReduceMean", f"{base}/mean", [x4], attrs={"axes": [1], "keepdims": 1},
+                                  dtype=dtype, shape=stat_shape)
+            centred = editor.out("Sub", f"{base}/sub", [x4, mean], dtype=dtype, shape=shape4)
         square = editor.out("Mul", f"{base}/square", [centred, centred], dtype=dtype, shape=shape4)
-        if form == "conv":
+        if form in ("conv", "center"):
             # Epsilon is the variance convolution's bias, which saves the Add.
             var_eps = editor.out("Conv", f"{base}/var",
                                  [square, editor.constant(f"{base}/var_weight", average),
