@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -9,11 +10,13 @@ from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import __version__
 from .errors import ParityError, UnsupportedModelError, UsageError
-from .graph import light_model
-from .model_io import default_opset, load_model, save_model, upgrade_to_min_opset, validate_model
+from .graph import export_model, light_model
+from .model_io import (check_structure, default_opset, load_model, save_model, upgrade_to_min_opset, validate_model,
+                       weight_bytes)
 from .options import DEFAULT_MIN_COSINE, ConvertOptions
 from .parity import check_parity, parity_failures
 from .pass_manager import PassContext, run_passes
@@ -70,7 +73,16 @@ def convert(model: onnx.ModelProto | str | os.PathLike, options: ConvertOptions 
     report.input_shapes = {t.name: list(t.shape) for t in graph.inputs}
 
     # 3. Write the opset-11 model and check its structure.
+    if path is not None:
+        # The input was read here, so it can go before the export adds a copy of the new
+        # weights: the few weights no pass replaced move into the graph first. Parity then
+        # reads the original from its file.
+        _detach_from_input(graph)
+        del original, working
+        gc.collect()
     converted = _export(graph)
+    del graph
+    gc.collect()  # graphsurgeon graphs are reference cycles; free the old weights now, not later
     report.ops_after = op_counts(converted)
     report.unconverted = structure_issues(converted, ctx.output_restore_nodes)
     _explain_unconverted(report)
@@ -88,7 +100,7 @@ def convert(model: onnx.ModelProto | str | os.PathLike, options: ConvertOptions 
     # 4. Parity with onnxruntime.
     if options.parity:
         started_parity = time.perf_counter()
-        _run_parity(original if path is None or original.ByteSize() < 2**31 - 1 else path, converted, report, options)
+        _run_parity(original if path is None else path, converted, report, options)
         report.seconds["parity"] = time.perf_counter() - started_parity
     return converted, report
 
@@ -101,9 +113,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:
     graph.opset = OUTPUT_OPSET
-    model = gs.export_onnx(graph, do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.append(onnx.helper.make_opsetid("", OUTPUT_OPSET))
+    model = export_model(graph, OUTPUT_OPSET)
     model.ir_version = OUTPUT_IR_VERSION
     model.producer_name = "vit2bpu"
     model.producer_version = __version__
@@ -115,12 +125,22 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
         if not vi.type.tensor_type.HasField("shape") and vi.name in outputs:
             vi.CopyFrom(outputs[vi.name])
     try:
-        if model.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(model)
+        check_structure(model)
     except onnx.checker.ValidationError as exc:
         raise UnsupportedModelError(f"the converted model fails onnx.checker: {str(exc).strip().splitlines()[0]}",
                                     hint="please report this with the input model") from None
     return model
+
+
+def _detach_from_input(graph: gs.Graph) -> None:
+    """Load the weights ``graph`` still reads from the input model, so the input model can be freed.
+
+    protobuf keeps a whole message in one arena, so the input's memory returns only when
+    nothing refers to any part of it.
+    """
+    for tensor in graph.tensors().values():
+        if isinstance(getattr(tensor, "_values", None), LazyValues):
+            tensor.values = tensor._values.load()
 
 
 def _explain_unconverted(report: ConversionReport) -> None:

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,16 @@ _SHAPE_INFERENCE_CONST_LIMIT = 4096
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """Return the value of a constant tensor, or None when it is computed at run time."""
+    """Return the value of a constant tensor, or None when it is computed at run time.
+
+    A weight still stored in the input model is read without being cached on the
+    tensor: the passes replace most weights, and a cached copy of each would keep
+    the model's weights in memory twice.
+    """
     if isinstance(tensor, gs.Constant):
+        stored = getattr(tensor, "_values", None)
+        if isinstance(stored, LazyValues):
+            return stored.load()
         return np.asarray(tensor.values)
     producer = producer_of(tensor)
     if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
@@ -35,7 +44,7 @@ def const_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 
 def is_const(tensor: gs.Tensor) -> bool:
-    return const_value(tensor) is not None
+    return isinstance(tensor, gs.Constant) or const_value(tensor) is not None
 
 
 def producer_of(tensor: gs.Tensor) -> gs.Node | None:
@@ -185,29 +194,67 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def light_model(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
-    """Export ``graph`` without its large constants, for shape inference.
+    """Export ``graph`` without the values of its large constants, for shape inference and checks.
 
-    Large initializers become graph inputs with their shapes declared, which keeps
-    shape inference from copying hundreds of megabytes of weights.
+    Large constants become graph inputs with their shapes declared; they are never
+    read or copied, which keeps this cheap on models of hundreds of megabytes.
     """
-    model = gs.export_onnx(graph, do_type_check=False)
-    kept = []
-    extra_inputs = []
-    for init in model.graph.initializer:
-        count = int(np.prod(init.dims)) if init.dims else 1
-        if count > _SHAPE_INFERENCE_CONST_LIMIT:
-            extra_inputs.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    initializers, weight_inputs, seen = [], [], set()
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or tensor.name in seen or not tensor.name:
+            continue
+        seen.add(tensor.name)
+        shape = list(tensor.shape)
+        if int(np.prod(shape)) > _SHAPE_INFERENCE_CONST_LIMIT:
+            elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+            weight_inputs.append(onnx.helper.make_tensor_value_info(tensor.name, elem_type, shape))
         else:
-            kept.append(init)
-    if extra_inputs:
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-        model.graph.input.extend(extra_inputs)
-    # onnx-graphsurgeon exports the opset imports it read, not graph.opset, so set the default domain here.
-    opset = opset if opset is not None else graph.opset
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = opset
+            initializers.append(OnnxExporter.export_tensor_proto(tensor))
+    nodes = [OnnxExporter.export_node(node) for node in graph.nodes]
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs] + weight_inputs
+    outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    opsets = [onnx.helper.make_opsetid("", opset if opset is not None else graph.opset)]
+    opsets += [onnx.helper.make_opsetid(domain, 1) for domain in sorted({n.domain for n in graph.nodes} - {"", None})]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, graph.name or "graph", inputs, outputs, initializers),
+                                   opset_imports=opsets)
+    return model
+
+
+def export_model(graph: gs.Graph, opset: int) -> onnx.ModelProto:
+    """Export ``graph`` to a ModelProto, adding the initializers one at a time.
+
+    ``gs.export_onnx`` builds every TensorProto first and then copies the list into
+    the graph, which holds all weights twice at once; this keeps one extra tensor
+    at most. Weights still stored in the input model are copied from their
+    TensorProto without going through numpy.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    model = onnx.ModelProto()
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    proto = model.graph
+    proto.name = graph.name or "graph"
+    proto.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    proto.input.extend(OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs)
+    proto.output.extend(OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs)
+    seen = set()
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        stored = getattr(tensor, "_values", None)
+        initializer = proto.initializer.add()
+        if isinstance(stored, LazyValues) and getattr(stored, "tensor", None) is not None:
+            initializer.CopyFrom(stored.tensor)
+            initializer.name = tensor.name
+            continue
+        value = np.ascontiguousarray(tensor.values)
+        initializer.name = tensor.name
+        initializer.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        initializer.dims.extend(value.shape)
+        initializer.raw_data = value.tobytes()
     return model
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 
 from .errors import EXIT_OK, UsageError
-from .model_io import default_opset, load_model, write_text_atomically
+from .model_io import default_opset, load_model, without_weights, write_text_atomically
 from .preprocess import DATA_SUBDIR, SETTINGS_FILE, Preprocess
 from .targets import TARGETS, get_target
 
@@ -41,7 +41,7 @@ def _quote(value) -> str:
 def softmax_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the Softmax nodes that run_on_bpu can move to the BPU: 4-D input, last axis."""
     ranks = {}
-    inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < 2**31 - 1 else model
+    inferred = onnx.shape_inference.infer_shapes(without_weights(model))
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
         if vi.type.tensor_type.HasField("shape"):
             ranks[vi.name] = len(vi.type.tensor_type.shape.dim)

@@ -30,6 +30,54 @@ SUPPORTED_DOMAINS = {"", "ai.onnx", "com.microsoft"}
 OPS_LOWERED_ABOVE_THEIR_OPSET = ("LayerNormalization", "Gelu", "Attention")
 
 
+# Above this many bytes of weights, onnx.checker runs on a copy without the weight values:
+# serialising hundreds of megabytes for a structural check took seconds.
+STRUCTURAL_CHECK_BYTES = 64 * 2**20
+_LARGE_TENSOR_ELEMENTS = 4096
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the model's initializers, counted without serialising the model."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            total += count * 4
+    return total
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are graph inputs of the same type and shape."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {vi.name for vi in model.graph.input}
+    for tensor in model.graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        if count <= _LARGE_TENSOR_ELEMENTS:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return light
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """onnx.checker on ``model``, on a copy without weight values when the model is large."""
+    onnx.checker.check_model(without_weights(model) if weight_bytes(model) > STRUCTURAL_CHECK_BYTES else model)
+
+
 def default_opset(model: onnx.ModelProto) -> int | None:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -90,8 +138,7 @@ def validate_model(model: onnx.ModelProto, path: str | None = None) -> None:
             log.info("%s: IR version %d is newer than onnx %s knows (%d); checking it as %d", path or "model",
                      declared_ir, onnx.__version__, onnx.IR_VERSION, onnx.IR_VERSION)
             model.ir_version = onnx.IR_VERSION
-        if model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
+        check_structure(model)
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         if "topologically sorted" in first_line:
@@ -172,7 +219,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise OutputError(f"output folder '{folder}' does not exist", path=str(path), hint="create it first")
     if path.is_dir():
         raise OutputError("output path is a directory", path=str(path))
-    needs_external = external_data or model.ByteSize() >= PROTOBUF_LIMIT
+    # The weights dominate the size; leave a margin for the graph itself.
+    needs_external = external_data or weight_bytes(model) >= PROTOBUF_LIMIT - 2**26
     data_name = path.name + ".data"
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))

@@ -44,7 +44,9 @@ def _session(model: onnx.ModelProto | str, what: str):
     options.log_severity_level = 3
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() >= 2**31 - 1:
+            from .model_io import weight_bytes
+
+            if weight_bytes(model) >= 2**31 - 2**26:
                 raise ParityError(f"the {what} model is over 2 GiB in memory; pass it as a file")
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])

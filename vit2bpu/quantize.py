@@ -5,14 +5,15 @@ This command does the same kind of post-training quantization in the open, so
 the INT8 accuracy loss can be measured before the vendor toolchain runs:
 
 1. The converted graph is copied to opset 13 with ``onnx.version_converter``,
-   because onnxruntime writes per-channel QuantizeLinear/DequantizeLinear (QDQ)
-   only from opset 13 on. The copy is checked against the opset-11 graph on
-   calibration samples.
+   because QuantizeLinear/DequantizeLinear (QDQ) take the per-channel ``axis``
+   attribute only from opset 13 on. The copy is checked against the opset-11
+   graph on calibration samples.
 2. ``onnxruntime.quantization.quantize_static`` calibrates activation ranges on
-   the ``.npy`` samples that ``vit2bpu calibrate`` writes and inserts QDQ pairs:
+   the float32 tensors that ``vit2bpu calibrate`` writes and inserts QDQ pairs:
    int8 weights (per output channel by default) and symmetric int8
    activations. hb_mapper reports one calibration threshold per node and runs
-   signed int8 ops (HzSQuantizedConv), which a symmetric int8 range models.
+   signed int8 ops such as HzSQuantizedConv (D-Robotics rdk_doc, ptq_process.md),
+   which a symmetric int8 range models.
 3. The INT8 graph and the opset-11 FP32 graph run on the same samples, and each
    output's cosine similarity, max abs error and top-1 agreement are reported.
 
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,9 +37,9 @@ import numpy as np
 import onnx
 
 from .errors import EXIT_OK, OutputError, ParityError, UnsupportedModelError, UsageError, Vit2BpuError
-from .model_io import default_opset, load_model, same_file, save_model, write_text_atomically
+from .model_io import PROTOBUF_LIMIT, default_opset, load_model, same_file, save_model, write_text_atomically
 from .parity import OutputParity, compare_outputs
-from .preprocess import SETTINGS_FILE, Preprocess, normalize_raw
+from .preprocess import DATA_SUBDIR, SETTINGS_FILE, Preprocess, normalize_raw
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ ACTIVATION_TYPES = ("int8", "uint8")
 # The opset-13 copy must reproduce the opset-11 graph to float32 rounding.
 OPSET_COPY_MIN_COSINE = 0.99999
 OPSET_COPY_MAX_REL_ERROR = 1e-4
+# Written by 'vit2bpu calibrate' beside preprocess.json, with the input shape it wrote the tensors for.
+MANIFEST_FILE = "manifest.json"
 
 
 @dataclass
@@ -95,9 +99,10 @@ class QuantizeReport:
         if self.normalize == "hb_mapper":
             lines.append("  samples are raw pixels (preprocess.json normalize=hb_mapper); mean/std applied before "
                          "the model, as hb_mapper's HzPreprocess does")
-        kept = [f"{len(names)} {label}" for label, names in self.float_nodes.items() if names]
-        if kept:
-            lines.append(f"  kept in float: {', '.join(kept)} (--int8-softmax / --int8-norm-stats quantize them)")
+        float_counts = [f"{len(names)} {label}" for label, names in self.float_nodes.items() if names]
+        if float_counts:
+            lines.append(f"  kept in float: {', '.join(float_counts)} (--int8-softmax / --int8-norm-stats quantize "
+                         "them)")
         where = f"sample(s) from {self.eval_dir}" if self.eval_dir else "calibration sample(s)"
         lines.append(f"  INT8 vs FP32 on {self.eval_samples} {where}:")
         for r in self.outputs:
@@ -106,7 +111,7 @@ class QuantizeReport:
                          f"max abs error {r.max_abs_error:.3g}{top1}")
         for warning in self.warnings:
             lines.append(f"  warning: {warning}")
-        lines.append("  note: the INT8 model is a simulation for measuring accuracy; give hb_mapper the opset-11 "
+        lines.append("  note: the INT8 model is a simulation for measuring accuracy, so give hb_mapper the opset-11 "
                      "converted model")
         return lines
 
@@ -114,56 +119,116 @@ class QuantizeReport:
 # ---------------------------------------------------------------- calibration data
 
 
+# Tensor file formats of 'vit2bpu calibrate': headerless float32 (hb_mapper reads it with numpy.fromfile) and .npy.
+TENSOR_SUFFIXES = (".bin", ".npy")
+
+
 @dataclass
 class CalibrationSet:
-    """The validated ``.npy`` files of a calibration folder and how to turn them into model inputs."""
+    """The validated tensor files of a calibration folder and how to turn them into model inputs."""
 
     files: list[Path]
     input_name: str
+    shape: tuple[int, ...]
     preprocess: Preprocess | None = None
 
     def load(self, path: Path) -> np.ndarray:
-        sample = np.load(path, allow_pickle=False)
+        if path.suffix.lower() == ".npy":
+            sample = np.load(path, allow_pickle=False)
+        else:
+            sample = np.fromfile(path, dtype=np.float32).reshape(self.shape)
         if self.preprocess is not None and self.preprocess.normalize == "hb_mapper":
             sample = normalize_raw(sample, self.preprocess).astype(np.float32)
         return sample
 
 
-def load_calibration_set(folder: str | Path, input_name: str, shape: Sequence[int],
-                         dtype: np.dtype = np.dtype(np.float32)) -> CalibrationSet:
-    """List and validate the ``.npy`` files of a calibration folder.
+def locate_calibration(folder: str | Path) -> tuple[Path, Path | None]:
+    """Return the folder of tensor files and the folder of ``preprocess.json`` (None without one).
 
-    Every file must hold one array of exactly the model input's shape and dtype.
-    Raises UsageError naming the folder or the first invalid file.
+    ``folder`` is either the OUT_DIR of ``vit2bpu calibrate``, which contains
+    ``preprocess.json`` and the tensors in ``data/``, or a folder of tensor files:
+    that ``data/`` folder itself (the one hb_mapper gets as ``cal_data_dir``) or any
+    other. Raises UsageError when the folder is missing.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise UsageError(f"calibration folder '{folder}' not found",
-                         hint="write one with 'vit2bpu calibrate IMAGES_DIR OUT_DIR'")
-    if not folder.is_dir():
-        raise UsageError(f"calibration path '{folder}' is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".npy")
-    if not files:
-        raise UsageError(f"calibration folder '{folder}' contains no .npy files",
-                         hint="write the samples with 'vit2bpu calibrate'")
+    root = Path(folder)
+    if not root.exists():
+        raise UsageError(f"calibration folder '{root}' not found",
+                         hint="write one with 'vit2bpu calibrate IMAGES_DIR OUT_DIR --model MODEL.onnx'")
+    if not root.is_dir():
+        raise UsageError(f"calibration path '{root}' is not a folder")
+    if (root / SETTINGS_FILE).exists():
+        data = root / DATA_SUBDIR
+        if not data.is_dir():
+            raise UsageError(f"calibration folder '{root}' has {SETTINGS_FILE} but no {DATA_SUBDIR}/ folder of "
+                             "tensors", hint="write the calibration set again with 'vit2bpu calibrate'")
+        return data, root
+    if root.name == DATA_SUBDIR and (root.parent / SETTINGS_FILE).exists():
+        return root, root.parent
+    log.info("%s: no %s, so the tensors are taken as model inputs", root, SETTINGS_FILE)
+    return root, None
+
+
+def load_calibration_set(folder: str | Path, input_name: str, shape: Sequence[int]) -> CalibrationSet:
+    """List and validate the float32 tensor files (``.bin`` or ``.npy``) of a calibration folder.
+
+    Every file must contain one tensor of exactly the model input's shape: a
+    ``.npy`` array of that shape and dtype float32, or a headerless ``.bin`` of
+    that many float32 values. Raises UsageError naming the folder or the first
+    invalid file.
+    """
+    data, settings = locate_calibration(folder)
     expected = tuple(int(d) for d in shape)
+    if settings is not None:
+        _check_manifest(settings, expected)
+    files = sorted(p for p in data.iterdir() if p.is_file() and p.suffix.lower() in TENSOR_SUFFIXES)
+    if not files:
+        raise UsageError(f"calibration folder '{data}' contains no tensor files ({', '.join(TENSOR_SUFFIXES)})",
+                         hint="write them with 'vit2bpu calibrate'")
     for path in files:
-        try:
-            header = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"calibration file '{path}' is not a readable .npy array: {exc}") from None
-        if header.dtype != dtype:
-            raise UsageError(f"calibration file '{path}' has dtype {header.dtype}, expected {dtype}",
-                             hint="the model input is float32; save the samples as float32")
-        if tuple(header.shape) != expected:
-            raise UsageError(f"calibration file '{path}' has shape {list(header.shape)}, expected the model input "
-                             f"shape {list(expected)}", hint="write the samples for this model's input size")
-    return CalibrationSet(files, input_name, _read_preprocess(folder))
+        if path.suffix.lower() == ".npy":
+            _check_npy(path, expected)
+        else:
+            _check_raw(path, expected)
+    return CalibrationSet(files, input_name, expected, _read_preprocess(settings))
 
 
-def _read_preprocess(folder: Path) -> Preprocess | None:
-    if not (folder / SETTINGS_FILE).exists():
-        log.info("%s: no %s; treating the samples as model inputs", folder, SETTINGS_FILE)
+def _check_npy(path: Path, expected: tuple[int, ...]) -> None:
+    try:
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"calibration file '{path}' is not a readable .npy array: {exc}") from None
+    if header.dtype != np.float32:
+        raise UsageError(f"calibration file '{path}' has dtype {header.dtype}, expected float32",
+                         hint="save the samples as float32, the model input's dtype")
+    if tuple(header.shape) != expected:
+        raise UsageError(f"calibration file '{path}' has shape {list(header.shape)}, expected the model input "
+                         f"shape {list(expected)}", hint="write the samples for this model's input size")
+
+
+def _check_raw(path: Path, expected: tuple[int, ...]) -> None:
+    size = path.stat().st_size
+    wanted = int(np.prod(expected)) * 4
+    if size != wanted:
+        raise UsageError(f"calibration file '{path}' has {size} bytes, expected {wanted}: headerless float32 of "
+                         f"the model input shape {list(expected)}", hint="write the samples for this model's input size")
+
+
+def _check_manifest(folder: Path, expected: tuple[int, ...]) -> None:
+    """Compare the input shape that ``vit2bpu calibrate`` recorded with the model's, when a manifest exists."""
+    path = folder / MANIFEST_FILE
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("input", {}).get("shape")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(f"'{path}' is not a readable manifest: {exc}") from None
+    if recorded is not None and tuple(recorded) != expected:
+        raise UsageError(f"'{path}' records the input shape {recorded}, but the model input shape is "
+                         f"{list(expected)}", hint="calibrate again with --model set to this model")
+
+
+def _read_preprocess(folder: Path | None) -> Preprocess | None:
+    if folder is None:
         return None
     try:
         return Preprocess.load(folder)
@@ -176,7 +241,7 @@ def _constant_sample_count(samples: CalibrationSet, files: Sequence[Path]) -> in
 
 
 class _NpyReader:
-    """onnxruntime CalibrationDataReader over .npy files, one sample per ``get_next``."""
+    """onnxruntime CalibrationDataReader over calibration tensor files, one sample per ``get_next``."""
 
     def __init__(self, samples: CalibrationSet, files: Sequence[Path]):
         self.samples = samples
@@ -205,7 +270,8 @@ def _reader(samples: CalibrationSet, files: Sequence[Path]):
 # ---------------------------------------------------------------- graph preparation
 
 
-def simulation_copy(model: onnx.ModelProto, check_inputs: Sequence[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, dict]:
+def simulation_copy(model: onnx.ModelProto,
+                    check_inputs: Sequence[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, dict]:
     """Return an opset-13 copy of ``model`` and the numerical check against the original.
 
     Models already at opset 13 or newer are returned unchanged. Raises
@@ -232,7 +298,7 @@ def simulation_copy(model: onnx.ModelProto, check_inputs: Sequence[dict[str, np.
 
 def _agreement(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                feeds_list: Sequence[dict[str, np.ndarray]]) -> tuple[float, float]:
-    """Lowest output cosine and largest abs error relative to the output's max magnitude."""
+    """Return the lowest output cosine and the largest abs error relative to the output's max magnitude."""
     first = _session(reference)
     second = _session(candidate)
     lowest_cosine, largest_rel = 1.0, 0.0
@@ -250,26 +316,30 @@ def float_node_names(model: onnx.ModelProto, *, int8_softmax: bool, int8_norm_st
     """Name the nodes that stay in float: standalone Softmax and the LayerNorm variance paths.
 
     - Softmax: hb_mapper (hmct 1.1.0, RDK X5 toolchain) runs a standalone Softmax
-      on the CPU in float unless it is told to run it on the BPU, so by default
-      the simulation leaves it in float too.
+      on the CPU in float between a dequantize and a quantize, unless its YAML
+      lists the node under ``run_on_bpu``. Left out of quantization, the Softmax
+      here also runs in float on the dequantized int8 scores, and its output is
+      quantized with a calibrated range for the next MatMul. Quantized as an op,
+      onnxruntime gives its output the fixed range [0, 1] instead.
     - LayerNorm variance (square -> mean of squares -> Sqrt): one int8 scale per
       tensor covers every token, so tokens whose variance is far below the
       largest one, such as the class token, round to a variance of zero and
-      their normalised values blow up. On the committed timm DeiT fixture this
-      alone drops the logits cosine from about 0.98 to about 0.79.
+      their normalised values blow up. On the converted timm DeiT test fixture,
+      calibrated on 16 standard-normal samples, this alone drops the logits
+      cosine from about 0.98 to about 0.76 (onnxruntime 1.16.2 and 1.32.0).
     """
     # NOTE: hb_mapper's documentation does not say at what precision hmct computes
     # the LayerNorm variance, so the default here may be kinder than the real BPU.
-    kept: dict[str, list[str]] = {"Softmax": [], "LayerNorm variance nodes": []}
+    float_nodes: dict[str, list[str]] = {"Softmax": [], "LayerNorm variance nodes": []}
     if not int8_softmax:
-        kept["Softmax"] = [n.name for n in model.graph.node if n.op_type == "Softmax"]
+        float_nodes["Softmax"] = [n.name for n in model.graph.node if n.op_type == "Softmax"]
     if not int8_norm_stats:
-        kept["LayerNorm variance nodes"] = _norm_variance_nodes(model.graph)
-    return kept
+        float_nodes["LayerNorm variance nodes"] = _norm_variance_nodes(model.graph)
+    return float_nodes
 
 
 def _norm_variance_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Nodes from the square to the Sqrt of every LayerNorm-style variance in ``graph``.
+    """Return the nodes from the square to the Sqrt of every LayerNorm-style variance in ``graph``.
 
     The walk starts at each Sqrt and follows the non-constant input back through
     Add (epsilon), Conv (1x1 with weights 1/C) and ReduceMean until it reaches a
@@ -307,7 +377,10 @@ def _quant_enums(method: str, activation_type: str):
 
 
 class _DropPreprocessingAdvice(logging.Filter):
-    """onnxruntime advises pre-processing on every call through the root logger; the graph is already final."""
+    """Log filter for onnxruntime's advice to pre-process the model, which it logs on every call.
+
+    The advice does not apply because the converted graph is final.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Please consider")
@@ -320,13 +393,12 @@ def run_quantize_static(model: onnx.ModelProto, samples: CalibrationSet, files: 
 
     calibrate_method, activation_qtype, weight_qtype = _quant_enums(method, activation_type)
     extra_options = {
-        # Symmetric int8 models the BPU's one-threshold-per-node calibration; uint8 stays asymmetric.
+        # Symmetric int8 models the BPU's one-threshold-per-node calibration, while uint8 stays asymmetric.
         "ActivationSymmetric": activation_type == "int8",
         "WeightSymmetric": True,
     }
-    # NOTE: the calibrators keep every intermediate tensor of every sample in memory until they
-    # compute the ranges. CalibMaxIntermediateOutputs would bound that, but onnxruntime 1.32 drops
-    # the collected tensors without computing ranges from them, so it is not used.
+    # NOTE: minmax keeps only per-sample minima and maxima, but the entropy and percentile calibrators
+    # keep every intermediate tensor of every sample in memory until they build their histograms.
     with tempfile.TemporaryDirectory(prefix="vit2bpu-quantize-") as folder:
         source = Path(folder) / "fp32_opset13.onnx"
         target = Path(folder) / "int8_qdq.onnx"
@@ -336,8 +408,10 @@ def run_quantize_static(model: onnx.ModelProto, samples: CalibrationSet, files: 
         root.addFilter(advice_filter)
         printed = io.StringIO()
         try:
-            # The histogram calibrators print their progress to stdout.
-            with contextlib.redirect_stdout(printed):
+            # The histogram calibrators print their progress to stdout, and onnxruntime 1.16 calls
+            # onnx.mapping, which onnx 1.15 reports as deprecated on every weight.
+            with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
                 quantize_static(str(source), str(target), _reader(samples, files), quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=activation_qtype,
                                 weight_type=weight_qtype, calibrate_method=calibrate_method,
@@ -402,7 +476,7 @@ def quantize_model(model: str | Path | onnx.ModelProto, calibration_dir: str | P
     """Quantize a converted model to an INT8 QDQ simulation and measure its agreement with FP32.
 
     ``model`` is the opset-11 converted model (path or ModelProto). The first
-    ``samples`` ``.npy`` files of ``calibration_dir`` (all by default, sorted by
+    ``samples`` tensor files of ``calibration_dir`` (all by default, sorted by
     name) calibrate. Both models then run on the first ``eval_samples`` files of
     ``eval_dir`` (default: the calibration samples, which flatters the INT8
     model when they are few or atypical). Returns the opset-13 INT8 model and a
@@ -430,6 +504,9 @@ def quantize_model(model: str | Path | onnx.ModelProto, calibration_dir: str | P
         report.model = str(model)
         fp32 = load_model(model)
     report.source_opset = default_opset(fp32)
+    if fp32.ByteSize() >= PROTOBUF_LIMIT:
+        raise UnsupportedModelError("the model is 2 GiB or larger, and quantize passes it to onnxruntime in memory",
+                                    path=report.model, hint="quantize a smaller variant of the model")
     input_info = _single_float32_input(fp32, report.model)
     report.warnings.extend(_provenance_warnings(fp32))
 
@@ -449,7 +526,7 @@ def quantize_model(model: str | Path | onnx.ModelProto, calibration_dir: str | P
                                activation_type=activation_type, nodes_to_exclude=excluded)
     report.qdq_nodes = sum(1 for n in int8.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     onnx.helper.set_model_props(int8, {
-        "vit2bpu.note": "INT8 QDQ simulation for measuring accuracy; give hb_mapper the opset-11 converted model",
+        "vit2bpu.note": "INT8 QDQ simulation for measuring accuracy, so give hb_mapper the opset-11 converted model",
         "vit2bpu.calibration": json.dumps({"method": method, "per_channel": per_channel,
                                            "activation_type": activation_type,
                                            "samples": len(calibration_files)}),
@@ -473,11 +550,12 @@ def _choose_samples(calibration: CalibrationSet, evaluation: CalibrationSet, sep
     for option, requested, found in (("calibration", samples, len(calibration.files)),
                                      ("evaluation", eval_samples, len(evaluation.files))):
         if requested is not None and requested > found:
-            report.warnings.append(f"{requested} {option} samples requested, {found} found; using all {found}")
+            report.warnings.append(f"{requested} {option} samples requested but {found} found, so all {found} "
+                                   "are used")
     constant = _constant_sample_count(calibration, calibration_files)
     if constant:
         report.warnings.append(f"{constant} of {len(calibration_files)} calibration samples are constant (every "
-                               "value equal), so the activation ranges they give are meaningless; calibrate on "
+                               "value equal), so the activation ranges they give are meaningless. Calibrate on "
                                "real images")
     return calibration_files, eval_files
 
@@ -486,32 +564,32 @@ def _single_float32_input(model: onnx.ModelProto, path: str | None) -> onnx.Valu
     initializers = {init.name for init in model.graph.initializer}
     inputs = [vi for vi in model.graph.input if vi.name not in initializers]
     if len(inputs) != 1:
-        raise UnsupportedModelError(f"the model has {len(inputs)} inputs; a calibration folder holds one tensor "
-                                    "per sample, so quantize supports single-input models", path=path)
+        raise UnsupportedModelError(f"the model has {len(inputs)} inputs, but quantize supports single-input models "
+                                    "only, because a calibration folder contains one tensor per sample", path=path)
     info = inputs[0]
     tensor_type = info.type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.FLOAT:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        raise UnsupportedModelError(f"input '{info.name}' is {dtype}; onnxruntime's static quantization needs a "
+        raise UnsupportedModelError(f"input '{info.name}' is {dtype}, but onnxruntime's static quantization needs a "
                                     "float32 model", path=path, hint="convert the float32 export")
     dims = list(tensor_type.shape.dim)
     if not dims or any(d.dim_value <= 0 for d in dims):
-        shown = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims]
-        raise UnsupportedModelError(f"input '{info.name}' has shape {shown}, not a static shape", path=path,
+        dims_text = [d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims]
+        raise UnsupportedModelError(f"input '{info.name}' has shape {dims_text}, not a static shape", path=path,
                                     hint="quantize the output of 'vit2bpu', which pins every dimension")
     return info
 
 
 def _provenance_warnings(model: onnx.ModelProto) -> list[str]:
-    warnings = []
+    messages = []
     opset = default_opset(model)
     if opset != CONVERTED_OPSET:
-        warnings.append(f"the model is opset {opset}, not the opset {CONVERTED_OPSET} that vit2bpu writes; the INT8 "
-                        "figures describe this graph, not a BPU conversion")
+        messages.append(f"the model is opset {opset}, not the opset {CONVERTED_OPSET} that vit2bpu writes, so the "
+                        "INT8 figures describe this graph, not a BPU conversion")
     elif model.producer_name != "vit2bpu":
-        warnings.append(f"the model was written by '{model.producer_name or 'an unknown producer'}', not vit2bpu; "
-                        "the INT8 figures describe this graph, not a BPU conversion")
-    return warnings
+        messages.append(f"the model was written by '{model.producer_name or 'an unknown producer'}', not vit2bpu, "
+                        "so the INT8 figures describe this graph, not a BPU conversion")
+    return messages
 
 
 # ---------------------------------------------------------------- command line
@@ -520,33 +598,38 @@ def _provenance_warnings(model: onnx.ModelProto) -> list[str]:
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="CONVERTED.onnx", help="opset-11 model written by vit2bpu")
     parser.add_argument("output", metavar="INT8.onnx", help="INT8 QDQ simulation to write (opset 13, atomically)")
+
     parser.add_argument("--calibration", required=True, metavar="CAL_DIR",
-                        help="folder of float32 .npy samples in the model input shape, as 'vit2bpu calibrate' "
-                             "writes them")
+                        help="OUT_DIR of 'vit2bpu calibrate' (preprocess.json and data/), or a folder of float32 "
+                             "tensors in the model input shape: headerless .bin or .npy")
     parser.add_argument("--method", choices=METHODS, default="minmax",
-                        help="activation range calibration (default minmax). entropy searches a KL threshold over "
-                             "onnxruntime's 128-bin histogram and often ends at the max; percentile clips at "
-                             "99.999%%")
+                        help="activation range calibration: minmax (default, hb_mapper's max), entropy (a KL "
+                             "threshold like hb_mapper's kl, searched over onnxruntime's 128-bin histogram, so it "
+                             "can end at the max and equal minmax) or percentile (clips at 99.999%%)")
     channel = parser.add_mutually_exclusive_group()
     channel.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
                          help="one weight scale per output channel (default)")
     channel.add_argument("--per-tensor", dest="per_channel", action="store_false",
                          help="one weight scale per weight tensor")
+
     parser.add_argument("--activation-type", choices=ACTIVATION_TYPES, default="int8",
                         help="int8 with a symmetric range, like the BPU's signed int8 ops (default), or uint8 with "
                              "an asymmetric range")
     parser.add_argument("--int8-softmax", action="store_true",
-                        help="quantize Softmax too (default: float, as hb_mapper runs a standalone Softmax on the CPU)")
+                        help="quantize Softmax as an op, with the output range fixed to [0, 1] (default: float "
+                             "between int8 neighbours, as hb_mapper runs a standalone Softmax on the CPU)")
     parser.add_argument("--int8-norm-stats", action="store_true",
-                        help="quantize the LayerNorm variance (square, mean, Sqrt) too (default: float)")
+                        help="quantize the LayerNorm variance (square, mean of squares, Sqrt) too (default: float)")
+
     parser.add_argument("--samples", type=int, metavar="N",
-                        help="calibrate on the first N .npy files in name order (default: all)")
+                        help="calibrate on the first N tensor files in name order (default: all)")
     parser.add_argument("--eval-samples", type=int, metavar="N",
                         help="compare FP32 and INT8 on the first N files (default: the calibration samples, or "
                              "every file of --eval-data)")
     parser.add_argument("--eval-data", metavar="EVAL_DIR",
-                        help="folder of held-out .npy samples, in the calibration folder's format, to compare FP32 "
+                        help="held-out samples in the calibration folder's format, to compare FP32 "
                              "and INT8 on (default: the calibration folder)")
+
     parser.add_argument("--min-cosine", type=float, metavar="X",
                         help="exit with code 5 when an output's FP32-vs-INT8 cosine is below X (default: no check)")
     parser.add_argument("--report", metavar="FILE.json", help="write the settings and measured agreement as JSON")
@@ -559,7 +642,7 @@ def run(args) -> int:
     if Path(args.output).suffix.lower() != ".onnx" and not args.force:
         raise UsageError(f"output '{args.output}' does not end in .onnx", hint="pass --force to write it anyway")
     if same_file(args.model, args.output) and not args.force:
-        raise OutputError("output path is the input file; refusing to overwrite the converted model",
+        raise OutputError("output path is the input file, and writing it would overwrite the converted model",
                           path=args.output, hint="choose another output path, or pass --force to replace the input")
     int8, report = quantize_model(args.model, args.calibration, method=args.method, per_channel=args.per_channel,
                                   activation_type=args.activation_type, samples=args.samples,

@@ -142,7 +142,7 @@ class LinearToConv(Pass):
 
         # 2. The 1x1 Conv: weight [Cout, Cin, 1, 1], bias folded in.
         cout = kernel.shape[0]
-        inputs = [x4, editor.constant(f"{base}/conv_weight", kernel[:, :, None, None].astype(kernel.dtype))]
+        inputs = [x4, editor.constant(f"{base}/conv_weight", np.ascontiguousarray(kernel)[:, :, None, None])]
         if bias is not None:
             inputs.append(editor.constant(f"{base}/conv_bias", np.asarray(bias, dtype=kernel.dtype)))
         shape4 = list(x4.shape)
