@@ -119,7 +119,9 @@ def test_parity_failure_writes_nothing(tmp_path, monkeypatch, capsys):
     report = tmp_path / "r.json"
     code = cli.main([str(fixture_path(FIXTURE)), str(tmp_path / "o.onnx"), "--report", str(report)])
     assert code == 5
-    assert "parity check failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "parity check failed" in err
+    assert "first divergent block: blocks.1" in err
     assert not (tmp_path / "o.onnx").exists()
     assert json.loads(report.read_text())["parity_passed"] is False
 

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import __version__
-from .errors import ParityError, UnsupportedModelError, UsageError
+from .errors import ParityError, UnsupportedModelError, UsageError, Vit2BpuError
 from .graph import export_model, light_model
 from .model_io import (check_structure, default_opset, load_model, save_model, upgrade_to_min_opset, validate_model,
                        weight_bytes)
@@ -169,11 +169,25 @@ def _run_parity(original, converted: onnx.ModelProto, report: ConversionReport, 
     report.parity_failures = parity_failures(results, float(threshold), options.check_top1)
     report.parity_passed = not report.parity_failures
     if report.parity_failures:
+        block = _first_divergent_block(original, converted, report)
+        if block is not None:
+            report.parity_failures.append(f"first divergent block: {block}")
         error = ParityError("parity check failed: " + "; ".join(report.parity_failures), results=results,
                           path=report.input,
                           hint="nothing was written; --min-cosine sets the threshold, --no-parity skips the check")
         error.report = report
         raise error
+
+
+def _first_divergent_block(original, converted: onnx.ModelProto, report: ConversionReport) -> str | None:
+    """Name the first block whose output diverges, to point at the faulty rewrite; None when it cannot tell."""
+    from .diff import first_divergent_block
+
+    try:
+        return first_divergent_block(original, converted, report.input_shapes)
+    except Vit2BpuError as exc:  # the graphs could not be paired block by block; the parity failure stands
+        log.info("per-block diagnosis skipped: %s", exc)
+        return None
 
 
 def _simplify(model: onnx.ModelProto, options: ConvertOptions) -> onnx.ModelProto:

@@ -243,7 +243,7 @@ def _layout_map(reference: np.ndarray, candidate: np.ndarray) -> tuple[str, np.n
         return None
     ref_shape = reference.shape
     if reference.ndim == 3 and candidate.shape == (ref_shape[0], ref_shape[2], 1, ref_shape[1]):
-        # NOTE: with N == C this also matches a plain reshape of [B, C, N]; the transpose is assumed.
+        # NOTE: with N == C this also matches a plain reshape of [B, C, N], and the transpose is assumed.
         return "tokens", candidate[:, :, 0, :].transpose(0, 2, 1)
     if reference.ndim == 2 and candidate.shape == (ref_shape[0], ref_shape[1], 1, 1):
         return "vector", candidate.reshape(ref_shape)

@@ -207,10 +207,11 @@ def _check_npy(path: Path, expected: tuple[int, ...]) -> None:
 
 def _check_raw(path: Path, expected: tuple[int, ...]) -> None:
     size = path.stat().st_size
-    wanted = int(np.prod(expected)) * 4
-    if size != wanted:
-        raise UsageError(f"calibration file '{path}' has {size} bytes, expected {wanted}: headerless float32 of "
-                         f"the model input shape {list(expected)}", hint="write the samples for this model's input size")
+    expected_size = int(np.prod(expected)) * 4
+    if size != expected_size:
+        raise UsageError(f"calibration file '{path}' has {size} bytes, expected {expected_size} (headerless float32 "
+                         f"of the model input shape {list(expected)})",
+                         hint="write the samples for this model's input size")
 
 
 def _check_manifest(folder: Path, expected: tuple[int, ...]) -> None:
@@ -446,11 +447,14 @@ def _session(model: onnx.ModelProto):
 def evaluate_int8(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: CalibrationSet,
                   files: Sequence[Path]) -> list[OutputAgreement]:
     """Run both models on ``files`` and compare every output across all samples."""
+    import onnxruntime as ort
+
     reference = _session(fp32)
     try:
         candidate = _session(int8)
     except Exception as exc:  # onnxruntime's own exception types
-        raise ParityError(f"onnxruntime cannot run the INT8 model: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ParityError(f"onnxruntime {ort.__version__} failed to load the INT8 model: "
+                          f"{str(exc).strip().splitlines()[0][:300]}", hint="rerun with --debug and report it") from None
     names = [o.name for o in reference.get_outputs()]
     collected_ref: dict[str, list[np.ndarray]] = {n: [] for n in names}
     collected_got: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -631,7 +635,8 @@ def add_arguments(parser) -> None:
                              "and INT8 on (default: the calibration folder)")
 
     parser.add_argument("--min-cosine", type=float, metavar="X",
-                        help="exit with code 5 when an output's FP32-vs-INT8 cosine is below X (default: no check)")
+                        help="exit with code 5, writing only --report, when an output's FP32-vs-INT8 cosine is "
+                             "below X (default: no check)")
     parser.add_argument("--report", metavar="FILE.json", help="write the settings and measured agreement as JSON")
     parser.add_argument("--force", action="store_true",
                         help="allow INT8.onnx to be the input file, or to end in something other than .onnx")
@@ -649,18 +654,18 @@ def run(args) -> int:
                                   eval_samples=args.eval_samples, eval_dir=args.eval_data,
                                   int8_softmax=args.int8_softmax,
                                   int8_norm_stats=args.int8_norm_stats)
-    written = save_model(int8, args.output, input_path=args.model, force=args.force)
-    report.int8_model = args.output
+    low = [r for r in report.outputs if args.min_cosine is not None and not r.cosine >= args.min_cosine]
+    written = [] if low else save_model(int8, args.output, input_path=args.model, force=args.force)
+    report.int8_model = args.output if written else None
     if args.report:
         write_text_atomically(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     if not args.quiet:
-        print(f"vit2bpu quantize: {args.model} (opset {report.source_opset}) -> {', '.join(written)}")
+        print(f"vit2bpu quantize: {args.model} (opset {report.source_opset}) -> {', '.join(written) or 'nothing'}")
         for line in report.summary_lines():
             print(line)
-    if args.min_cosine is not None:
-        low = [r for r in report.outputs if not r.cosine >= args.min_cosine]
-        if low:
-            details = "; ".join(f"output '{r.name}': cosine {r.cosine:.5f}" for r in low)
-            raise ParityError(f"INT8 agreement below --min-cosine {args.min_cosine}: {details}",
-                              hint="try another --method, more or more typical calibration samples")
+    if low:
+        details = ", ".join(f"output '{r.name}' has cosine {r.cosine:.5f}" for r in low)
+        raise ParityError(f"INT8 agreement is below --min-cosine {args.min_cosine}: {details}",
+                          hint="the INT8 model was not written; try another --method, or more typical calibration "
+                               "samples")
     return EXIT_OK

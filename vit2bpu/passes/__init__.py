@@ -2,7 +2,7 @@
 
 Preparation (every conversion): ``lower_contrib`` -> ``pin_shapes`` -> ``fold_constants`` -> ``lower_opset``.
 Rewrites (selectable with ``--passes``): ``restore_tokens`` -> ``patch_embed`` -> ``linear`` -> ``layernorm``
--> ``attention`` -> ``layout`` -> ``fold_norm_affine``.
+-> ``attention`` -> ``softmax`` -> ``layout`` -> ``fold_norm_affine``.
 Finishing (every conversion): ``lower_adapters``.
 """
 
@@ -21,10 +21,11 @@ from .lower_opset import LowerToOpset11
 from .patch_embed import PatchEmbedToTokensOnW
 from .pin_shapes import PinInputShapes
 from .restore_tokens import RestoreTokenAxis
+from .softmax import DecomposeSoftmax
 
 PREPARE = (LowerContribOps, PinInputShapes, FoldConstants, LowerToOpset11)
-REWRITES = (RestoreTokenAxis, PatchEmbedToTokensOnW, LinearToConv, LayerNormToChannels, AttentionToChannels, PropagateLayout,
-            FoldNormAffine)
+REWRITES = (RestoreTokenAxis, PatchEmbedToTokensOnW, LinearToConv, LayerNormToChannels, AttentionToChannels,
+            DecomposeSoftmax, PropagateLayout, FoldNormAffine)
 FINISH = (LowerLayoutAdapters,)
 
 REWRITE_NAMES = tuple(p.name for p in REWRITES)
@@ -54,4 +55,4 @@ def build_pipeline(selected: list[str] | None = None) -> list:
 
 __all__ = ["AttentionToChannels", "FoldConstants", "FoldNormAffine", "LayerNormToChannels", "LinearToConv",
            "LowerContribOps", "LowerLayoutAdapters", "LowerToOpset11", "PatchEmbedToTokensOnW", "PinInputShapes", "PropagateLayout", "RestoreTokenAxis",
-           "build_pipeline", "REWRITE_NAMES"]
+           "DecomposeSoftmax", "build_pipeline", "REWRITE_NAMES"]
