@@ -68,7 +68,8 @@ def main() -> None:
         "profiled_seconds": total,
         "pass_seconds": {p.name: p.seconds for p in report.passes},
         "top_self": top_entries(stats, total, order_by="self_seconds", count=args.top),
-        "top_cumulative_vit2bpu": top_entries(stats, total, order_by="cumulative_seconds", count=args.top, only_vit2bpu=True),
+        "top_cumulative_vit2bpu": top_entries(stats, total, order_by="cumulative_seconds", count=args.top,
+                                              only_vit2bpu=True),
     }
     with open(args.json, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)

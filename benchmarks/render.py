@@ -65,14 +65,19 @@ def machine_lines(sections: dict[str, dict]) -> list[str]:
              f"({machine.get('cpus_usable')} usable by this process)",
              f"- Memory: {machine.get('memory_gib')} GiB",
              f"- OS: {machine.get('platform')}",
-             "- Python and packages: " + ", ".join(f"{name} {version}" for name, version in versions.items())]
+             "- Python and packages: " + ", ".join(f"{name} {version}" for name, version in versions.items()
+                                                   if name != "vit2bpu_path")]
     export_versions = machine.get("export_versions")
     if export_versions:
         lines.append("- Export interpreter: " + ", ".join(f"{n} {v}" for n, v in export_versions.items()))
     git = machine.get("git", {})
     changed = git.get("changed_outside_benchmarks") or []
-    lines.append(f"- Checkout: {git.get('commit')}" + (f", changed outside benchmarks/: {', '.join(changed)}"
-                                                        if changed else ", no changes outside benchmarks/"))
+    lines.append(f"- Checkout at the start of the run: {git.get('commit')}"
+                 + (f", changed outside benchmarks/: {', '.join(changed)}" if changed
+                    else ", no changes outside benchmarks/"))
+    lines.append(f"- vit2bpu measured: {versions.get('vit2bpu_path')}"
+                 + (f" (from --source {machine['source']})" if machine.get("source") else "")
+                 + f", SHA-256 of its .py files {machine.get('vit2bpu_sha256')}")
     return lines + [""]
 
 

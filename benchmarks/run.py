@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -126,14 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetitions", type=int, default=5,
                         help="rounds of each interleaved comparison (default 5)")
     parser.add_argument("--huge-repetitions", type=int, default=3, help="rounds of the huge section (default 3)")
-    parser.add_argument("--latency-runs", type=int, default=100,
-                        help="timed onnxruntime runs per model per round (default 100)")
+    parser.add_argument("--latency-runs", type=int, default=50,
+                        help="timed onnxruntime runs per model per round (default 50)")
     parser.add_argument("--latency-warmup", type=int, default=10,
                         help="untimed onnxruntime runs per model per round (default 10)")
     parser.add_argument("--latency-rounds", type=int, default=5, help="interleaved latency rounds (default 5)")
     parser.add_argument("--opset", type=int, default=14, help="opset of the exports (default 14)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter with vit2bpu, onnx, onnxruntime and onnxsim (default: this one)")
+    parser.add_argument("--source", type=Path,
+                        help="folder that contains the vit2bpu package to measure, such as an extract of "
+                             "'git archive HEAD vit2bpu'; it goes first on PYTHONPATH of every command, so a "
+                             "checkout that changes during the run does not change the results (default: the "
+                             "vit2bpu that --python imports)")
     parser.add_argument("--export-python", default=os.environ.get("VIT2BPU_EXPORT_PYTHON", sys.executable),
                         help="interpreter with torch and timm for models/export.py, needed only for models not "
                              "yet in the cache (default: $VIT2BPU_EXPORT_PYTHON, else this one)")
@@ -289,6 +295,11 @@ for name in ("vit2bpu", "onnx", "onnxruntime", "onnxsim", "onnx_graphsurgeon", "
         versions[name] = str(importlib.import_module(name).__version__)
     except Exception:
         pass
+try:
+    import vit2bpu
+    versions["vit2bpu_path"] = vit2bpu.__file__.rsplit("/", 1)[0]
+except Exception:
+    pass
 print(json.dumps(versions))
 """
 
@@ -313,11 +324,22 @@ def git_state() -> dict:
     def git(*words: str) -> str:
         completed = subprocess.run(["git", "-C", str(REPOSITORY), *words], capture_output=True, text=True,
                                    check=False)
-        return completed.stdout.strip()
+        return completed.stdout.rstrip("\n")
 
+    # Porcelain lines are "XY PATH", and X is a space for a change that is not staged.
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"),
+    return {"commit": git("rev-parse", "HEAD").strip(),
             "changed_outside_benchmarks": [p for p in changed if not p.startswith("benchmarks/")]}
+
+
+def source_digest(folder: str | None) -> str | None:
+    """SHA-256 over the names and contents of the .py files of a package, to identify the code measured."""
+    if not folder or not Path(folder).is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*.py")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def machine_facts(ctx: Context) -> dict:
@@ -330,7 +352,9 @@ def machine_facts(ctx: Context) -> dict:
         "platform": platform.platform(),
         "versions": interpreter_versions(ctx.python),
         "git": git_state(),
+        "source": str(ctx.args.source) if ctx.args.source else None,
     }
+    facts["vit2bpu_sha256"] = source_digest(facts["versions"].get("vit2bpu_path"))
     if ctx.args.export_python != ctx.python:
         facts["export_versions"] = interpreter_versions(ctx.args.export_python)
     return facts
@@ -343,8 +367,8 @@ def load_average() -> list[float] | None:
 # ---------------------------------------------------------------- sections
 
 
-def convert_argv(ctx: Context, source: Path, target: Path, *extra: str) -> list[str]:
-    return [ctx.python, "-m", "vit2bpu", str(source), str(target), *extra]
+def convert_argv(ctx: Context, input_model: Path, target: Path, *extra: str) -> list[str]:
+    return [ctx.python, "-m", "vit2bpu", str(input_model), str(target), *extra]
 
 
 def section_conversion(ctx: Context) -> dict:
@@ -352,23 +376,24 @@ def section_conversion(ctx: Context) -> dict:
     rows, samples, commands = [], {}, {}
     for name in ctx.args.models:
         spec = MODELS[name]
-        source = ensure_model(ctx, spec)
-        facts = model_facts(ctx, source)
+        input_model = ensure_model(ctx, spec)
+        facts = model_facts(ctx, input_model)
         folder = ctx.scratch / "conversion" / name
         folder.mkdir(parents=True, exist_ok=True)
         runs = [
-            Command("vit2bpu", convert_argv(ctx, source, folder / "vit2bpu.onnx", "--no-parity", "-q"),
+            Command("vit2bpu", convert_argv(ctx, input_model, folder / "vit2bpu.onnx", "--no-parity", "-q"),
                     [folder / "vit2bpu.onnx"]),
-            Command("load+save", [ctx.python, str(LOAD_SAVE_SCRIPT), str(source), str(folder / "floor.onnx")],
+            Command("load+save", [ctx.python, str(LOAD_SAVE_SCRIPT), str(input_model), str(folder / "floor.onnx")],
                     [folder / "floor.onnx"]),
         ]
         if "onnxsim" not in ctx.args.skip:
-            runs.append(Command("onnxsim", [ctx.python, "-m", "onnxsim", str(source), str(folder / "onnxsim.onnx")],
-                                [folder / "onnxsim.onnx"]))
-        replacements = {str(source): "IN", str(folder) + "/": "", str(BENCHMARKS_DIR) + "/": "benchmarks/"}
+            simplified = folder / "onnxsim.onnx"
+            runs.append(Command("onnxsim", [ctx.python, "-m", "onnxsim", str(input_model), str(simplified)],
+                                [simplified]))
+        replacements = {str(input_model): "IN", str(folder) + "/": "", str(BENCHMARKS_DIR) + "/": "benchmarks/"}
         commands = {c.label: display(c.argv, ctx, replacements) for c in runs}
         ctx.progress(f"conversion: {name}, {ctx.args.repetitions} rounds of {', '.join(commands)}")
-        warm_page_cache(source)
+        warm_page_cache(input_model)
         measured = run_interleaved(runs, ctx.args.repetitions, timeout=ctx.args.timeout,
                                    log_dir=ctx.logs / "conversion" / name, progress=ctx.progress)
         samples[name] = samples_to_dicts(measured)
@@ -401,11 +426,11 @@ def section_scaling(ctx: Context) -> dict:
     runs = [Command("startup", [ctx.python, "-m", "vit2bpu", "--version"])]
     facts = {}
     for name in names:
-        source = ensure_model(ctx, MODELS[name])
-        facts[name] = model_facts(ctx, source)
-        warm_page_cache(source)
+        input_model = ensure_model(ctx, MODELS[name])
+        facts[name] = model_facts(ctx, input_model)
+        warm_page_cache(input_model)
         target, report = folder / f"{name}.onnx", folder / f"{name}.report.json"
-        runs.append(Command(name, convert_argv(ctx, source, target, "--no-parity", "-q", "--report", str(report)),
+        runs.append(Command(name, convert_argv(ctx, input_model, target, "--no-parity", "-q", "--report", str(report)),
                             [target, report], inspect=report_seconds(report)))
     ctx.progress(f"scaling: {ctx.args.repetitions} rounds of {', '.join(c.label for c in runs)}")
     measured = run_interleaved(runs, ctx.args.repetitions, timeout=ctx.args.timeout, log_dir=ctx.logs / "scaling",
@@ -433,8 +458,9 @@ def section_scaling(ctx: Context) -> dict:
     }
     commands = {"startup": "python -m vit2bpu --version",
                 "convert": "python -m vit2bpu IN OUT --no-parity -q --report OUT.json"}
-    return {"commands": commands, "rows": rows, "analysis": analysis,
-            "samples": {"all": samples_to_dicts(measured)}}
+    samples = {label: {"startup" if label == "startup" else "vit2bpu": runs_}
+               for label, runs_ in samples_to_dicts(measured).items()}
+    return {"commands": commands, "rows": rows, "analysis": analysis, "samples": samples}
 
 
 # The marginal cost of the last step may differ from the first by this factor and still count as linear.
@@ -495,20 +521,20 @@ def scaling_fit(rows: list[dict], x_field: str, startup: float | None) -> dict:
 def section_huge(ctx: Context) -> dict:
     """ViT-huge with external data: conversion against load+save, both writing external data."""
     spec = MODELS[HUGE_MODEL]
-    source = ensure_model(ctx, spec)
-    facts = model_facts(ctx, source)
+    input_model = ensure_model(ctx, spec)
+    facts = model_facts(ctx, input_model)
     folder = ctx.scratch / "huge"
     folder.mkdir(parents=True, exist_ok=True)
     runs = [
-        Command("vit2bpu", convert_argv(ctx, source, folder / "vit2bpu.onnx", "--external-data", "--no-parity",
+        Command("vit2bpu", convert_argv(ctx, input_model, folder / "vit2bpu.onnx", "--external-data", "--no-parity",
                                         "-q"), [folder / "vit2bpu.onnx"]),
-        Command("load+save", [ctx.python, str(LOAD_SAVE_SCRIPT), str(source), str(folder / "floor.onnx"),
+        Command("load+save", [ctx.python, str(LOAD_SAVE_SCRIPT), str(input_model), str(folder / "floor.onnx"),
                               "--external-data"], [folder / "floor.onnx"]),
     ]
-    replacements = {str(source): "IN", str(folder) + "/": "", str(BENCHMARKS_DIR) + "/": "benchmarks/"}
+    replacements = {str(input_model): "IN", str(folder) + "/": "", str(BENCHMARKS_DIR) + "/": "benchmarks/"}
     commands = {c.label: display(c.argv, ctx, replacements) for c in runs}
     ctx.progress(f"huge: {ctx.args.huge_repetitions} rounds of {', '.join(commands)}")
-    warm_page_cache(source)
+    warm_page_cache(input_model)
     measured = run_interleaved(runs, ctx.args.huge_repetitions, timeout=ctx.args.timeout, log_dir=ctx.logs / "huge",
                                progress=ctx.progress)
     row = {"model": spec.name, "parameters": facts["parameters"], "file_bytes": facts["file_bytes"],
@@ -546,19 +572,19 @@ def section_runtime(ctx: Context) -> dict:
     """onnxruntime CPU latency of the original, converted and INT8 QDQ graphs, single and default threads."""
     rows = []
     for name in ctx.args.runtime_models:
-        source = ensure_model(ctx, MODELS[name])
+        input_model = ensure_model(ctx, MODELS[name])
         folder = ctx.scratch / "runtime" / name
         folder.mkdir(parents=True, exist_ok=True)
         logs = ctx.logs / "runtime" / name
         converted, int8 = folder / "converted.onnx", folder / "int8.onnx"
         row = {"model": name, "steps": {}, "latency": {}}
         ctx.progress(f"runtime: {name}: converting and quantizing")
-        row["steps"]["convert"] = run_step(ctx, convert_argv(ctx, source, converted, "-q"), logs / "convert.log",
+        row["steps"]["convert"] = run_step(ctx, convert_argv(ctx, input_model, converted, "-q"), logs / "convert.log",
                                            "conversion")
         if "error" in row["steps"]["convert"]:
             rows.append(row)
             continue
-        models = [f"original={source}", f"converted={converted}"]
+        models = [f"original={input_model}", f"converted={converted}"]
         if "int8" not in ctx.args.skip:
             shape = next(iter(model_facts(ctx, converted)["inputs"].values()))
             calibration = write_calibration(folder / "calibration", shape, CALIBRATION_SAMPLES)
@@ -613,17 +639,17 @@ def section_parity(ctx: Context) -> dict:
     """The share of the command that the onnxruntime parity check takes."""
     rows, samples = [], {}
     for name in ctx.args.parity_models:
-        source = ensure_model(ctx, MODELS[name])
+        input_model = ensure_model(ctx, MODELS[name])
         folder = ctx.scratch / "parity" / name
         folder.mkdir(parents=True, exist_ok=True)
         runs = []
         for label, extra in (("with parity", ()), ("no parity", ("--no-parity",))):
             slug = label.replace(" ", "-")
             target, report = folder / f"{slug}.onnx", folder / f"{slug}.report.json"
-            runs.append(Command(label, convert_argv(ctx, source, target, *extra, "-q", "--report", str(report)),
+            runs.append(Command(label, convert_argv(ctx, input_model, target, *extra, "-q", "--report", str(report)),
                                 [target, report], inspect=report_seconds(report)))
         ctx.progress(f"parity: {name}, {ctx.args.repetitions} rounds")
-        warm_page_cache(source)
+        warm_page_cache(input_model)
         measured = run_interleaved(runs, ctx.args.repetitions, timeout=ctx.args.timeout,
                                    log_dir=ctx.logs / "parity" / name, progress=ctx.progress)
         samples[name] = samples_to_dicts(measured)
@@ -648,13 +674,13 @@ def section_parity(ctx: Context) -> dict:
 def section_profile(ctx: Context) -> dict:
     """cProfile of one vit2bpu.convert call."""
     name = ctx.args.profile_model
-    source = ensure_model(ctx, MODELS[name])
+    input_model = ensure_model(ctx, MODELS[name])
     folder = ctx.output / "profile"
     folder.mkdir(parents=True, exist_ok=True)
     stats, result = folder / f"{name}.prof", folder / f"{name}.json"
-    argv = [ctx.python, str(PROFILE_SCRIPT), str(source), "--stats", str(stats), "--json", str(result)]
+    argv = [ctx.python, str(PROFILE_SCRIPT), str(input_model), "--stats", str(stats), "--json", str(result)]
     ctx.progress(f"profile: {name}")
-    warm_page_cache(source)
+    warm_page_cache(input_model)
     step = run_step(ctx, argv, ctx.logs / "profile.log", "profiling")
     if "error" in step:
         raise BenchmarkError(step["error"])
@@ -725,6 +751,16 @@ def main() -> int:
     args = build_parser().parse_args()
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)
+    if args.source is not None:
+        if not (args.source / "vit2bpu" / "__init__.py").is_file():
+            print(f"run.py: error: --source '{args.source}' does not contain vit2bpu/__init__.py", file=sys.stderr)
+            return 2
+        args.source = args.source.resolve()
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.source), os.environ.get("PYTHONPATH")]))
+    for option in ("python", "export_python"):
+        interpreter = getattr(args, option)
+        if os.sep in interpreter:  # a relative path would break once the run changes folder
+            setattr(args, option, str(Path(interpreter).absolute()))
     if args.render_only:
         write_results(output)
         print(f"wrote {output / 'results.md'}")
@@ -738,11 +774,16 @@ def main() -> int:
     ctx = Context(args=args, output=output, cache=(args.model_cache or output / "models").resolve(),
                   scratch=output / "scratch", logs=output / "logs")
     ctx.cache.mkdir(parents=True, exist_ok=True)
+    ctx.scratch.mkdir(parents=True, exist_ok=True)
+    # 'python -m' and 'python -c' put the working folder first on sys.path, so started from the repository
+    # root they would import ./vit2bpu ahead of --source. Every command therefore runs from the scratch folder.
+    os.chdir(ctx.scratch)
     machine = machine_facts(ctx)
     ctx.progress(f"sections: {', '.join(sections)}; results in {output}")
     for name in sections:
         run_section(ctx, name, machine)
         write_results(output)
+    os.chdir(output)
     shutil.rmtree(ctx.scratch, ignore_errors=True)
     print(f"wrote {output / 'results.md'}, results.json and samples.csv")
     return 0

@@ -40,6 +40,7 @@ class ViTSpec:
     gamma_zeros: bool = True
     class_token: bool = True
     head: str = "gemm"              # gemm | matmul
+    tokens_input: bool = False      # blocks only: input and output are token streams [1, N, C]
     seed: int = 0
 
     @property
@@ -170,6 +171,8 @@ class _Builder:
         spec = self.spec
         rows, cols = spec.grid
         c, n = spec.width, spec.tokens
+        if spec.tokens_input:
+            return self._blocks_only()
         image = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, rows * spec.patch, cols * spec.patch])
         feat = self.node("Conv", ["input", self.weight("patch_weight", (c, 3, spec.patch, spec.patch)),
                                   self.weight("patch_bias", (c,), 0.05)],
@@ -195,6 +198,24 @@ class _Builder:
         model.ir_version = 7 if spec.opset <= 12 else 8
         onnx.checker.check_model(model)
         return model
+
+
+def _blocks_only(self) -> onnx.ModelProto:
+    spec = self.spec
+    shape = [1, spec.tokens, spec.width]
+    x = "tokens"
+    for _ in range(spec.depth):
+        x = self.block(x)
+    self.nodes[-1].output[0] = "tokens_out"
+    graph = helper.make_graph(self.nodes, "blocks", [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("tokens_out", TensorProto.FLOAT, shape)], self.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)])
+    model.ir_version = 7 if spec.opset <= 12 else 8
+    onnx.checker.check_model(model)
+    return model
+
+
+_Builder._blocks_only = _blocks_only
 
 
 def build_vit(spec: ViTSpec | None = None, **overrides) -> onnx.ModelProto:

@@ -68,6 +68,14 @@ def non_4d_float_tensors(model: onnx.ModelProto) -> list[str]:
         while node is not None and node.op_type in ("Reshape", "Transpose"):
             tail.update(node.output)
             node = producers.get(node.input[0])
+    # The head that brings a token-stream input into 4-D: Transpose/Reshape chains from a graph input.
+    frontier = [i.name for i in model.graph.input]
+    while frontier:
+        name = frontier.pop()
+        for node in model.graph.node:
+            if node.input and node.input[0] == name and node.op_type in ("Reshape", "Transpose"):
+                tail.update(node.output)
+                frontier.extend(node.output)
     return sorted(name for name, rank in ranks.items() if rank != 4 and name not in tail)
 
 

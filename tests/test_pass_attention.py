@@ -108,3 +108,15 @@ def test_measure_gather_rejects_token_mixing():
     tensors = graph.tensors()
     with pytest.raises(AttentionRejected):
         measure_gather(graph.nodes, tensors["src"], [tensors["out"]], [2], [[1, 3]])
+
+
+def test_blocks_only_model_with_token_input():
+    model = build_vit(ViTSpec(tokens_input=True, depth=2, width=24, heads=3, grid=(3, 4)))
+    converted, report = vit2bpu.convert(model)
+    assert_bpu_form(converted)
+    assert report.unconverted == []
+    ops = collections.Counter(n.op_type for n in converted.graph.node)
+    # One layout change in (Transpose + Reshape) and one out (Reshape + Transpose), three per block.
+    assert ops["Transpose"] == 2 + 3 * 2
+    feeds = random_input(model)
+    assert cosine(run(model, feeds)[0], run(converted, feeds)[0]) > 0.999999

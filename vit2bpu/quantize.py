@@ -101,8 +101,7 @@ class QuantizeReport:
                          "the model, as hb_mapper's HzPreprocess does")
         float_counts = [f"{len(names)} {label}" for label, names in self.float_nodes.items() if names]
         if float_counts:
-            lines.append(f"  kept in float: {', '.join(float_counts)} (--int8-softmax / --int8-norm-stats quantize "
-                         "them)")
+            lines.append(f"  kept in float: {', '.join(float_counts)}")
         where = f"sample(s) from {self.eval_dir}" if self.eval_dir else "calibration sample(s)"
         lines.append(f"  INT8 vs FP32 on {self.eval_samples} {where}:")
         for r in self.outputs:
@@ -313,26 +312,27 @@ def _agreement(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     return lowest_cosine, largest_rel
 
 
-def float_node_names(model: onnx.ModelProto, *, int8_softmax: bool, int8_norm_stats: bool) -> dict[str, list[str]]:
-    """Name the nodes that stay in float: standalone Softmax and the LayerNorm variance paths.
+def float_node_names(model: onnx.ModelProto, *, float_softmax: bool, int8_norm_stats: bool) -> dict[str, list[str]]:
+    """Name the nodes that stay in float: Softmax when asked, and the LayerNorm variance paths.
 
     - Softmax: hb_mapper (hmct 1.1.0, RDK X5 toolchain) runs a standalone Softmax
       on the CPU in float between a dequantize and a quantize, unless its YAML
-      lists the node under ``run_on_bpu``. Left out of quantization, the Softmax
-      here also runs in float on the dequantized int8 scores, and its output is
-      quantized with a calibrated range for the next MatMul. Quantized as an op,
-      onnxruntime gives its output the fixed range [0, 1] instead.
+      lists the node under ``run_on_bpu``, as ``vit2bpu hb-config`` does for X5
+      and J5. So Softmax is quantized by default, and onnxruntime gives its
+      output the fixed range [0, 1]. With ``float_softmax`` (X3, or hb-config
+      ``--softmax-on-cpu``) it runs in float on the dequantized int8 scores, and
+      its output is quantized with a calibrated range for the next MatMul.
     - LayerNorm variance (square -> mean of squares -> Sqrt): one int8 scale per
       tensor covers every token, so tokens whose variance is far below the
       largest one, such as the class token, round to a variance of zero and
       their normalised values blow up. On the converted timm DeiT test fixture,
       calibrated on 16 standard-normal samples, this alone drops the logits
-      cosine from about 0.98 to about 0.76 (onnxruntime 1.16.2 and 1.32.0).
+      cosine from about 0.98 to about 0.77 (onnxruntime 1.16.2 and 1.32.0).
     """
     # NOTE: hb_mapper's documentation does not say at what precision hmct computes
     # the LayerNorm variance, so the default here may be kinder than the real BPU.
     float_nodes: dict[str, list[str]] = {"Softmax": [], "LayerNorm variance nodes": []}
-    if not int8_softmax:
+    if float_softmax:
         float_nodes["Softmax"] = [n.name for n in model.graph.node if n.op_type == "Softmax"]
     if not int8_norm_stats:
         float_nodes["LayerNorm variance nodes"] = _norm_variance_nodes(model.graph)
@@ -476,7 +476,7 @@ def evaluate_int8(fp32: onnx.ModelProto, int8: onnx.ModelProto, samples: Calibra
 def quantize_model(model: str | Path | onnx.ModelProto, calibration_dir: str | Path, *, method: str = "minmax",
                    per_channel: bool = True, activation_type: str = "int8", samples: int | None = None,
                    eval_samples: int | None = None, eval_dir: str | Path | None = None,
-                   int8_softmax: bool = False, int8_norm_stats: bool = False) -> tuple[onnx.ModelProto, QuantizeReport]:
+                   float_softmax: bool = False, int8_norm_stats: bool = False) -> tuple[onnx.ModelProto, QuantizeReport]:
     """Quantize a converted model to an INT8 QDQ simulation and measure its agreement with FP32.
 
     ``model`` is the opset-11 converted model (path or ModelProto). The first
@@ -523,7 +523,7 @@ def quantize_model(model: str | Path | onnx.ModelProto, calibration_dir: str | P
     check_inputs = [{input_info.name: calibration.load(p)} for p in calibration_files[:2]]
     simulated, report.opset_copy_check = simulation_copy(fp32, check_inputs)
     report.simulation_opset = default_opset(simulated) or SIMULATION_OPSET
-    report.float_nodes = float_node_names(simulated, int8_softmax=int8_softmax, int8_norm_stats=int8_norm_stats)
+    report.float_nodes = float_node_names(simulated, float_softmax=float_softmax, int8_norm_stats=int8_norm_stats)
     excluded = [name for names in report.float_nodes.values() for name in names]
 
     int8 = run_quantize_static(simulated, calibration, calibration_files, method=method, per_channel=per_channel,
@@ -619,9 +619,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--activation-type", choices=ACTIVATION_TYPES, default="int8",
                         help="int8 with a symmetric range, like the BPU's signed int8 ops (default), or uint8 with "
                              "an asymmetric range")
-    parser.add_argument("--int8-softmax", action="store_true",
-                        help="quantize Softmax as an op, with the output range fixed to [0, 1] (default: float "
-                             "between int8 neighbours, as hb_mapper runs a standalone Softmax on the CPU)")
+    parser.add_argument("--float-softmax", action="store_true",
+                        help="keep Softmax in float between int8 neighbours, as hb_mapper runs it on the CPU (X3, or "
+                             "hb-config --softmax-on-cpu). Default: int8 with the output range fixed to [0, 1], as "
+                             "hb-config's run_on_bpu on X5 and J5 has it")
     parser.add_argument("--int8-norm-stats", action="store_true",
                         help="quantize the LayerNorm variance (square, mean of squares, Sqrt) too (default: float)")
 
@@ -652,7 +653,7 @@ def run(args) -> int:
     int8, report = quantize_model(args.model, args.calibration, method=args.method, per_channel=args.per_channel,
                                   activation_type=args.activation_type, samples=args.samples,
                                   eval_samples=args.eval_samples, eval_dir=args.eval_data,
-                                  int8_softmax=args.int8_softmax,
+                                  float_softmax=args.float_softmax,
                                   int8_norm_stats=args.int8_norm_stats)
     low = [r for r in report.outputs if args.min_cosine is not None and not r.cosine >= args.min_cosine]
     written = [] if low else save_model(int8, args.output, input_path=args.model, force=args.force)

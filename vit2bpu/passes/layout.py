@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import GraphEditor, attr, const_value, replace_tensor
 from ..layout import (AXIS_MAP, TO_OP, TOKENS, VECTOR, channels_first_shape, const_to_channels_first,
-                      from_adapter_of, from_channels_first, is_adapter)
+                      from_adapter_of, from_channels_first, is_adapter, kind_for_rank, to_channels_first)
 from ..pass_manager import Pass, PassContext, PassResult
 
 UNARY_OPS = {"Abs", "Cast", "Ceil", "Clip", "Elu", "Erf", "Exp", "Floor", "HardSigmoid", "Identity", "LeakyRelu",
@@ -39,6 +39,7 @@ class PropagateLayout(Pass):
     summary = "move layout adapters through elementwise, Concat, Gather, Slice and Reduce ops; cancel inverse pairs"
 
     def apply(self, graph: gs.Graph, editor: GraphEditor, ctx: PassContext, result: PassResult) -> None:
+        self._convert_token_inputs(graph, editor, result)
         changed = True
         while changed:
             changed = False
@@ -56,6 +57,22 @@ class PropagateLayout(Pass):
                     result.rewritten += 1
                     changed = True
             graph.cleanup(remove_unused_graph_inputs=False)
+
+    def _convert_token_inputs(self, graph: gs.Graph, editor: GraphEditor, result: PassResult) -> None:
+        """Give a token-stream graph input (a model of blocks, without patch embedding) one channels-first twin.
+
+        Every reader of the input then sees ``FromChannelsFirst(ToChannelsFirst(input))``, so
+        the ops that read it directly (the first residual Add) can move to 4-D like the rest.
+        """
+        for tensor in graph.inputs:
+            readers = list(tensor.outputs)
+            if not any(is_adapter(node, TO_OP) for node in readers):
+                continue
+            x4 = to_channels_first(editor, tensor, f"{tensor.name}/input")
+            twin = from_channels_first(editor, x4, kind_for_rank(len(tensor.shape)), f"{tensor.name}/input")
+            for node in readers:
+                node.inputs = [twin if t is tensor else t for t in node.inputs]
+            result.notes.append(f"input '{tensor.name}' enters the 4-D layout once")
 
     def _handler(self, node: gs.Node):
         if node.domain not in ("", None):
