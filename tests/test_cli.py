@@ -58,7 +58,7 @@ def test_not_onnx(tmp_path, capsys):
     assert cli.main([str(bad), str(tmp_path / "o.onnx")]) == 3
     err = capsys.readouterr().err
     assert "notes.onnx" in err
-    assert "not a valid ONNX file" in err or "holds no ONNX graph" in err
+    assert "not a valid ONNX file" in err or "contains no ONNX graph" in err
 
 
 def test_truncated_input(tmp_path, capsys):

@@ -226,7 +226,7 @@ def export_model(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto, adding the initializers one at a time.
 
     ``gs.export_onnx`` builds every TensorProto first and then copies the list into
-    the graph, which holds all weights twice at once; this keeps one extra tensor
+    the graph, which keeps all weights in memory twice at once; this keeps one extra tensor
     at most. Weights still stored in the input model are copied from their
     TensorProto without going through numpy.
     """

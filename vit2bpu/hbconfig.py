@@ -153,7 +153,7 @@ def add_arguments(parser) -> None:
 def calibration_setting(folder: str | None, normalize: str | None) -> tuple[str | None, Preprocess]:
     """Return (cal_data_dir, preprocessing) for ``--calibration``.
 
-    A folder written by ``vit2bpu calibrate`` holds ``preprocess.json`` and the tensors in
+    A folder written by ``vit2bpu calibrate`` contains ``preprocess.json`` and the tensors in
     ``data/``; any other folder is taken as raw tensors, normalised as ``--normalize`` says.
     """
     if folder is None:

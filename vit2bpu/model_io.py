@@ -51,7 +51,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose large initializers are graph inputs of the same type and shape."""
+    """Return a copy of ``model`` whose large initializers are graph inputs of the same type and shape."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
@@ -100,7 +100,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputModelError(f"is not a valid ONNX file or is truncated ({exc.__class__.__name__}: {exc})",
                               path=str(path), hint="export the model again") from None
     if not model.HasField("graph") or not model.graph.node:
-        raise InputModelError("holds no ONNX graph (not an ONNX model, or truncated)", path=str(path))
+        raise InputModelError("contains no ONNX graph (not an ONNX model, or truncated)", path=str(path))
     _load_external_data(model, path)
     validate_model(model, str(path))
     return model

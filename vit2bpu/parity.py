@@ -93,7 +93,7 @@ def load_user_inputs(path: str | os.PathLike, input_names: list[str]) -> dict[st
         raise UsageError(f"parity input file '{path}' is not a .npy or .npz file: {exc}") from None
     if isinstance(data, np.ndarray):
         if len(input_names) != 1:
-            raise UsageError(f"'{path}' holds one array but the model has inputs {input_names}; use an .npz "
+            raise UsageError(f"'{path}' contains one array but the model has inputs {input_names}; use an .npz "
                              "with one array per input name")
         return {input_names[0]: data}
     missing = sorted(set(input_names) - set(data.files))

@@ -37,7 +37,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Preprocess:
-    """How an image becomes the model's input tensor."""
+    """Settings that turn an image into the model input tensor."""
 
     size: tuple[int, int] = (224, 224)          # output H, W
     resize: int = 248                           # shorter side before the centre crop
@@ -166,7 +166,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".we
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Every file below ``folder`` whose suffix is an image format, sorted for a stable order."""
+    """Return every file below ``folder`` whose suffix is an image format, sorted for a stable order."""
     root = Path(folder)
     if not root.is_dir():
         raise UsageError(f"image folder '{folder}' does not exist")
