@@ -169,7 +169,7 @@ def _run_parity(original, converted: onnx.ModelProto, report: ConversionReport, 
     report.parity_failures = parity_failures(results, float(threshold), options.check_top1)
     report.parity_passed = not report.parity_failures
     if report.parity_failures:
-        block = _first_divergent_block(original, converted, report)
+        block = _first_divergent_block(original, converted, report, float(threshold), user_inputs)
         if block is not None:
             report.parity_failures.append(f"first divergent block: {block}")
         error = ParityError("parity check failed: " + "; ".join(report.parity_failures), results=results,
@@ -179,12 +179,17 @@ def _run_parity(original, converted: onnx.ModelProto, report: ConversionReport, 
         raise error
 
 
-def _first_divergent_block(original, converted: onnx.ModelProto, report: ConversionReport) -> str | None:
-    """Name the first block whose output diverges, to point at the faulty rewrite; None when it cannot tell."""
+def _first_divergent_block(original, converted: onnx.ModelProto, report: ConversionReport, threshold: float,
+                           user_inputs) -> str | None:
+    """Name the first block whose output diverges, to point at the faulty rewrite; None when it cannot tell.
+
+    It runs on the inputs and at the threshold the parity check used, so a failure it saw is seen here too.
+    """
     from .diff import first_divergent_block
 
     try:
-        return first_divergent_block(original, converted, report.input_shapes)
+        return first_divergent_block(original, converted, report.input_shapes, threshold=threshold,
+                                     inputs=user_inputs)
     except Vit2BpuError as exc:  # the graphs could not be paired block by block; the parity failure stands
         log.info("per-block diagnosis skipped: %s", exc)
         return None
