@@ -6,8 +6,8 @@
 Every model gets its own InferenceSession on the CPUExecutionProvider with the
 default graph optimization level (ORT_ENABLE_ALL). One round runs each model
 ``--warmup`` times untimed and then ``--runs`` times timed, model after model, and
-records the median of the timed runs; round r starts with model r mod M. The JSON
-holds every round's median per model. Batch size is the model's static batch (1 for
+records the median of the timed runs. Round r starts with model r mod M. The JSON
+contains every round's median per model. Batch size is the model's static batch (1 for
 vit2bpu output and the exports of models/export.py).
 """
 

@@ -4,7 +4,7 @@ Each command runs as a child process and is reaped with ``os.wait4``, which retu
 the child's own resource usage, so ``ru_maxrss`` is that process's peak resident set
 size (KiB on Linux, bytes on macOS). Wall time is ``time.perf_counter`` from just
 before the fork to the return of ``wait4``, so it includes interpreter start-up and
-imports, as a user running the command sees it.
+imports, which a user running the command also waits for.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def fmt(value, digits: int = 2, suffix: str = "") -> str:
 
 
 def fmt_ratio(ratio: dict | None, digits: int = 2) -> str:
-    """A paired ratio as 'median (min-max)'."""
+    """Format a paired ratio as 'median (min-max)'."""
     if not ratio or ratio.get("median") is None:
         return "n/a"
     return f"{ratio['median']:.{digits}f} ({ratio['min']:.{digits}f}-{ratio['max']:.{digits}f})"

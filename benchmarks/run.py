@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from measure import Command, paired_ratio, run_interleaved, run_measured, samples_to_dicts, summarize
+from measure import Command, Sample, paired_ratio, run_interleaved, run_measured, samples_to_dicts, summarize
 from render import SECTION_ORDER, render_markdown
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ CALIBRATION_SAMPLES = 8
 
 
 class BenchmarkError(Exception):
-    """A step that a section needs failed; the section records the message and the run goes on."""
+    """Raised when a step that a section needs fails. The section records the message, and the run goes on."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark vit2bpu against onnx load+save and onnxsim, and measure onnxruntime latency.",
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+
     parser.add_argument("--output", type=Path, default=BENCHMARKS_DIR / "results",
                         help="folder for the results (default: benchmarks/results, which git ignores)")
     parser.add_argument("--model-cache", type=Path,
                         help="folder of exported models, reused across runs (default: OUTPUT/models)")
+
     parser.add_argument("--sections", type=comma_list(sections), default=list(DEFAULT_SECTIONS),
                         help=f"sections to run, comma-separated (default: {','.join(DEFAULT_SECTIONS)}; "
                              "'huge' exports and converts ViT-huge with external data, about 2.5 GB of weights)")
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip", type=comma_list(sections + SKIPPABLE_PARTS), default=[],
                         help="sections to leave out, and 'onnxsim' (the onnxsim baseline) or 'int8' (the quantized "
                              "graph in the runtime section)")
+
     parser.add_argument("--models", type=comma_list(small_models), default=["deit-tiny", "deit-small", "deit-base",
                                                                              "vit-large"],
                         help="models of the conversion section (default: deit-tiny,deit-small,deit-base,vit-large)")
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models of the parity section (default: deit-tiny,deit-small,deit-base)")
     parser.add_argument("--profile-model", choices=small_models, default="deit-base",
                         help="model of the profile section (default: deit-base)")
+
     parser.add_argument("--repetitions", type=int, default=5,
                         help="rounds of each interleaved comparison (default 5)")
     parser.add_argument("--huge-repetitions", type=int, default=3, help="rounds of the huge section (default 3)")
@@ -132,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-warmup", type=int, default=10,
                         help="untimed onnxruntime runs per model per round (default 10)")
     parser.add_argument("--latency-rounds", type=int, default=5, help="interleaved latency rounds (default 5)")
+
     parser.add_argument("--opset", type=int, default=14, help="opset of the exports (default 14)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter with vit2bpu, onnx, onnxruntime and onnxsim (default: this one)")
@@ -250,7 +255,7 @@ print(json.dumps({"parameters": params, "nodes": len(model.graph.node), "inputs"
 
 
 def model_facts(ctx: Context, path: Path) -> dict:
-    """Parameter count, node count, input shapes, opset and size on disk, read without the weights."""
+    """Return the parameter count, node count, input shapes, opset and size on disk, read without the weights."""
     completed = subprocess.run([ctx.python, "-c", FACTS_SCRIPT, str(path)], capture_output=True, text=True,
                                check=False)
     if completed.returncode != 0:
@@ -372,7 +377,7 @@ def convert_argv(ctx: Context, input_model: Path, target: Path, *extra: str) -> 
 
 
 def section_conversion(ctx: Context) -> dict:
-    """Time and peak memory of the conversion against onnx load+save and onnxsim, per model."""
+    """Measure time and peak memory of the conversion against onnx load+save and onnxsim, per model."""
     rows, samples, commands = [], {}, {}
     for name in ctx.args.models:
         spec = MODELS[name]
@@ -419,7 +424,7 @@ def report_seconds(report_path: Path):
 
 
 def section_scaling(ctx: Context) -> dict:
-    """Conversion time against depth at DeiT-small width and against width at depth 12."""
+    """Measure conversion time against depth at DeiT-small width and against width at depth 12."""
     names = list(dict.fromkeys(SCALING_DEPTH + SCALING_WIDTH))
     folder = ctx.scratch / "scaling"
     folder.mkdir(parents=True, exist_ok=True)
@@ -432,24 +437,13 @@ def section_scaling(ctx: Context) -> dict:
         target, report = folder / f"{name}.onnx", folder / f"{name}.report.json"
         runs.append(Command(name, convert_argv(ctx, input_model, target, "--no-parity", "-q", "--report", str(report)),
                             [target, report], inspect=report_seconds(report)))
+
     ctx.progress(f"scaling: {ctx.args.repetitions} rounds of {', '.join(c.label for c in runs)}")
     measured = run_interleaved(runs, ctx.args.repetitions, timeout=ctx.args.timeout, log_dir=ctx.logs / "scaling",
                                progress=ctx.progress)
     startup = summarize(measured["startup"])["seconds_median"]
-    rows = []
-    for name in names:
-        spec = MODELS[name]
-        good = [s for s in measured[name] if s.ok]
-        in_process = [s.details["seconds"].get("convert") for s in good if s.details.get("seconds")]
-        pass_seconds = {}
-        for sample in good:
-            for pass_name, seconds in sample.details.get("pass_seconds", {}).items():
-                pass_seconds.setdefault(pass_name, []).append(seconds)
-        rows.append({"model": name, "depth": spec.depth, "embed_dim": spec.embed_dim,
-                     "parameters": facts[name]["parameters"], "nodes": facts[name]["nodes"],
-                     "summary": summarize(measured[name]),
-                     "convert_seconds_median": statistics.median(in_process) if in_process else None,
-                     "pass_seconds_median": {k: statistics.median(v) for k, v in pass_seconds.items()}})
+    rows = [scaling_row(MODELS[name], measured[name], facts[name]) for name in names]
+
     by_name = {row["model"]: row for row in rows}
     analysis = {
         "startup_seconds": startup,
@@ -458,13 +452,28 @@ def section_scaling(ctx: Context) -> dict:
     }
     commands = {"startup": "python -m vit2bpu --version",
                 "convert": "python -m vit2bpu IN OUT --no-parity -q --report OUT.json"}
+
     samples = {label: {"startup" if label == "startup" else "vit2bpu": runs_}
                for label, runs_ in samples_to_dicts(measured).items()}
     return {"commands": commands, "rows": rows, "analysis": analysis, "samples": samples}
 
 
+def scaling_row(spec: ModelSpec, runs: list[Sample], facts: dict) -> dict:
+    """Summarize the runs of one model, with the medians of the in-process and per-pass seconds."""
+    good = [s for s in runs if s.ok]
+    in_process = [s.details["seconds"].get("convert") for s in good if s.details.get("seconds")]
+    pass_seconds: dict[str, list[float]] = {}
+    for sample in good:
+        for pass_name, seconds in sample.details.get("pass_seconds", {}).items():
+            pass_seconds.setdefault(pass_name, []).append(seconds)
+    return {"model": spec.name, "depth": spec.depth, "embed_dim": spec.embed_dim,
+            "parameters": facts["parameters"], "nodes": facts["nodes"], "summary": summarize(runs),
+            "convert_seconds_median": statistics.median(in_process) if in_process else None,
+            "pass_seconds_median": {name: statistics.median(values) for name, values in pass_seconds.items()}}
+
+
 # The marginal cost of the last step may differ from the first by this factor and still count as linear.
-# It is a judgment call of this script, chosen above the round-to-round spread of a shared 2-core machine.
+# The factor is this script's choice, not a standard.
 LINEAR_TOLERANCE = 1.25
 
 
@@ -519,7 +528,7 @@ def scaling_fit(rows: list[dict], x_field: str, startup: float | None) -> dict:
 
 
 def section_huge(ctx: Context) -> dict:
-    """ViT-huge with external data: conversion against load+save, both writing external data."""
+    """Measure ViT-huge with external data: conversion against load+save, both writing external data."""
     spec = MODELS[HUGE_MODEL]
     input_model = ensure_model(ctx, spec)
     facts = model_facts(ctx, input_model)
@@ -557,19 +566,19 @@ def write_calibration(folder: Path, shape: list[int], count: int) -> Path:
     return data
 
 
-def run_step(ctx: Context, argv: list[str], log_path: Path, what: str) -> dict:
+def run_step(ctx: Context, argv: list[str], log_path: Path, description: str) -> dict:
     """Run one unrepeated preparation command and return its time, memory and any error."""
     seconds, rss_mib, exit_code, timed_out = run_measured(argv, timeout=ctx.args.timeout, log_path=log_path)
     step = {"seconds": seconds, "max_rss_mib": rss_mib, "exit_code": exit_code}
     if exit_code != 0 or timed_out:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-        step["error"] = f"{what} failed (exit code {exit_code}): {' | '.join(tail)}"
+        step["error"] = f"{description} failed (exit code {exit_code}): {' | '.join(tail)}"
         ctx.progress(f"  {step['error']}")
     return step
 
 
 def section_runtime(ctx: Context) -> dict:
-    """onnxruntime CPU latency of the original, converted and INT8 QDQ graphs, single and default threads."""
+    """Measure onnxruntime CPU latency of the original, converted and INT8 QDQ graphs, one and default threads."""
     rows = []
     for name in ctx.args.runtime_models:
         input_model = ensure_model(ctx, MODELS[name])
@@ -621,7 +630,7 @@ def section_runtime(ctx: Context) -> dict:
 
 
 def latency_summary(result: dict) -> dict:
-    """Median latency per model over the rounds, and per-round ratios to the original."""
+    """Return the median latency per model over the rounds, and the per-round ratios to the original."""
     rounds = result["round_median_ms"]
     summary = {"median_ms": {label: statistics.median(values) for label, values in rounds.items()},
                "ratio_to_original": {}, "output_cosine_vs_original": result["output_cosine_vs_first"],
@@ -636,7 +645,7 @@ def latency_summary(result: dict) -> dict:
 
 
 def section_parity(ctx: Context) -> dict:
-    """The share of the command that the onnxruntime parity check takes."""
+    """Measure the share of the command that the onnxruntime parity check takes."""
     rows, samples = [], {}
     for name in ctx.args.parity_models:
         input_model = ensure_model(ctx, MODELS[name])
@@ -672,7 +681,7 @@ def section_parity(ctx: Context) -> dict:
 
 
 def section_profile(ctx: Context) -> dict:
-    """cProfile of one vit2bpu.convert call."""
+    """Profile one vit2bpu.convert call with cProfile."""
     name = ctx.args.profile_model
     input_model = ensure_model(ctx, MODELS[name])
     folder = ctx.output / "profile"
@@ -757,10 +766,12 @@ def main() -> int:
             return 2
         args.source = args.source.resolve()
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.source), os.environ.get("PYTHONPATH")]))
+
     for option in ("python", "export_python"):
         interpreter = getattr(args, option)
         if os.sep in interpreter:  # a relative path would break once the run changes folder
             setattr(args, option, str(Path(interpreter).absolute()))
+
     if args.render_only:
         write_results(output)
         print(f"wrote {output / 'results.md'}")
@@ -769,6 +780,7 @@ def main() -> int:
         if getattr(args, option) < 1:
             print(f"run.py: error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+
     sections = list(args.sections) + (["huge"] if args.huge and "huge" not in args.sections else [])
     sections = [name for name in SECTION_ORDER if name in sections and name not in args.skip]
     ctx = Context(args=args, output=output, cache=(args.model_cache or output / "models").resolve(),
@@ -778,11 +790,13 @@ def main() -> int:
     # 'python -m' and 'python -c' put the working folder first on sys.path, so started from the repository
     # root they would import ./vit2bpu ahead of --source. Every command therefore runs from the scratch folder.
     os.chdir(ctx.scratch)
+
     machine = machine_facts(ctx)
     ctx.progress(f"sections: {', '.join(sections)}; results in {output}")
     for name in sections:
         run_section(ctx, name, machine)
         write_results(output)
+
     os.chdir(output)
     shutil.rmtree(ctx.scratch, ignore_errors=True)
     print(f"wrote {output / 'results.md'}, results.json and samples.csv")
