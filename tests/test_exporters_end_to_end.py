@@ -3,6 +3,8 @@ unfolded constants and external data. Each is a reduced DeiT/ViT (2 blocks, widt
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import pytest
@@ -69,6 +71,19 @@ def test_variant_every_block(variant):
     rewritten = {r.name: r.rewritten for r in report.passes}
     assert rewritten["attention"] == 2
     assert rewritten["layernorm"] == 5
+
+
+def test_variant_cpu_nodes_on_x5(variant):
+    from vit2bpu import check
+
+    name, _, model, _ = variant
+    cpu = collections.Counter(p.op_type for p in check.predict(model, "x5").cpu_nodes())
+    # Only the two Softmax nodes and the Reshape that restores the logits' shape; keep_io_types
+    # adds the float16 Casts at the input and the output.
+    expected = {"Softmax": 2, "Reshape": 1}
+    if name.endswith("fp16_keepio.onnx"):
+        expected["Cast"] = 2
+    assert dict(cpu) == expected
 
 
 def test_variant_parity(variant):

@@ -61,6 +61,14 @@ def test_op_counts_match_the_4d_block(converted):
     assert ops["Transpose"] == 3 * blocks
 
 
+def test_only_softmax_left_for_the_cpu(converted):
+    from vit2bpu import check
+
+    name, _, model, _ = converted
+    cpu = collections.Counter(p.op_type for p in check.predict(model, "x5").cpu_nodes())
+    assert dict(cpu) == {"Softmax": CORE_FIXTURES[name], "Reshape": 1}
+
+
 def test_parity_on_a_new_sample(converted):
     _, original, model, report = converted
     assert report.parity_passed

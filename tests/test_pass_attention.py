@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import ViTSpec, build_vit
-from conftest import assert_bpu_form, cosine, random_input, run
+from conftest import assert_bpu_form, cosine, fixture_path, random_input, run
 from onnx import helper, numpy_helper
 
 import vit2bpu
@@ -120,3 +120,39 @@ def test_blocks_only_model_with_token_input():
     assert ops["Transpose"] == 2 + 3 * 2
     feeds = random_input(model)
     assert cosine(run(model, feeds)[0], run(converted, feeds)[0]) > 0.999999
+
+
+def test_scores_scale_folded_and_guards_dropped():
+    converted, _ = vit2bpu.convert(fixture_path("hf_vit_sdpa_dynamo_op18.onnx"))
+    ops = collections.Counter(n.op_type for n in converted.graph.node)
+    assert "IsNaN" not in ops and "Where" not in ops and "Cast" not in ops
+    converted, _ = vit2bpu.convert(fixture_path("hf_deit_teacher_eager_op14.onnx"))
+    softmax_inputs = {n.input[0] for n in converted.graph.node if n.op_type == "Softmax"}
+    producers = {o: n.op_type for n in converted.graph.node for o in n.output}
+    assert {producers[t] for t in softmax_inputs} == {"MatMul"}  # the 1/sqrt(d) Mul went into the q weights
+
+
+def test_guard_kept_when_a_mask_holds_minus_infinity():
+    spec = ViTSpec(width=8, heads=2, grid=(1, 3), opset=14, scale_on="scores")
+    model = build_vit(spec)
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    scores = softmax.input[0]
+    mask = np.zeros((1, 1, 4, 4), np.float32)
+    mask[..., 3] = -np.inf  # every query ignores the last token; no row is fully masked
+    model.graph.initializer.append(numpy_helper.from_array(mask, "mask"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    masked, probs = "masked_scores", softmax.output[0]
+    model.graph.node.insert(list(model.graph.node).index(softmax), helper.make_node("Add", [scores, "mask"], [masked]))
+    softmax.input[0] = masked
+    consumer = next(n for n in model.graph.node if probs in n.input and n.op_type == "MatMul")
+    model.graph.node.insert(list(model.graph.node).index(consumer),
+                            helper.make_node("IsNaN", [probs], ["nan_flags"]))
+    model.graph.node.insert(list(model.graph.node).index(consumer),
+                            helper.make_node("Where", ["nan_flags", "zero", probs], ["guarded"]))
+    consumer.input[0] = "guarded"
+    onnx.checker.check_model(model)
+    converted, report = vit2bpu.convert(model)
+    ops = collections.Counter(n.op_type for n in converted.graph.node)
+    assert ops["IsNaN"] == 1 and ops["Where"] == 1
+    assert next(r for r in report.passes if r.name == "attention").rewritten == 1
+    assert report.parity_passed

@@ -53,11 +53,11 @@ def convert(model: onnx.ModelProto | str | os.PathLike, options: ConvertOptions 
     path = None
     if isinstance(model, (str, os.PathLike)):
         path = str(model)
-        original = load_model(path)
+        original = load_model(path, validate=False)
         report.input = path
     else:
         original = model
-        validate_model(original)
+    report.warnings.extend(validate_model(original, path))
     report.input_opset = default_opset(original)
     report.ops_before = op_counts(original)
     working = upgrade_to_min_opset(original, path)

@@ -85,8 +85,11 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and validate an ONNX model, with its external data; raise InputModelError with the reason."""
+def load_model(path: str | os.PathLike, validate: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data and validate it; raise InputModelError with the reason.
+
+    With ``validate=False`` the caller runs ``validate_model`` itself, to keep its findings.
+    """
     path = Path(path)
     if not path.exists():
         raise InputModelError("file not found", path=str(path))
@@ -102,7 +105,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.graph.node:
         raise InputModelError("contains no ONNX graph (not an ONNX model, or truncated)", path=str(path))
     _load_external_data(model, path)
-    validate_model(model, str(path))
+    if validate:
+        validate_model(model, str(path))
     return model
 
 
@@ -121,8 +125,13 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         raise InputModelError(f"external data could not be read: {exc}", path=str(path)) from None
 
 
-def validate_model(model: onnx.ModelProto, path: str | None = None) -> None:
-    """Check the model with onnx.checker and check its opset and domains."""
+def validate_model(model: onnx.ModelProto, path: str | None = None) -> list[str]:
+    """Check the model with onnx.checker and check its opset and domains.
+
+    Returns the checker findings vit2bpu repairs (nodes out of order, ops written
+    above their opset), so the caller can report them as warnings.
+    """
+    findings = []
     opset = default_opset(model)
     if opset is None:
         raise InputModelError("declares no default-domain opset", path=path)
@@ -145,6 +154,7 @@ def validate_model(model: onnx.ModelProto, path: str | None = None) -> None:
             _check_sortable(model.graph, path)
         elif not _tolerated(first_line):
             raise InputModelError(f"fails onnx.checker: {first_line}", path=path) from None
+        findings.append(f"the input fails onnx.checker ({first_line}); vit2bpu repairs this")
         # NOTE: the checker stops at its first finding, so the rest of this model goes unchecked
         # here; the converted model is checked in full before it is written.
         log.info("%s: onnx.checker: %s (vit2bpu repairs this)", path or "model", first_line)
@@ -155,6 +165,7 @@ def validate_model(model: onnx.ModelProto, path: str | None = None) -> None:
             raise UnsupportedModelError(f"op in domain '{node.domain}' has no opset-11 form in vit2bpu", path=path,
                                         node=node.name, op_type=node.op_type,
                                         hint="export without runtime-specific fusions")
+    return findings
 
 
 def _check_sortable(graph: onnx.GraphProto, path: str | None) -> None:

@@ -228,6 +228,69 @@ def measure_gather(nodes: list[gs.Node], source: gs.Tensor, targets: list[gs.Ten
     return measured
 
 
+def _bypass(node: gs.Node, graph: gs.Graph, keep: gs.Tensor) -> None:
+    replace_tensor(graph, node.outputs[0], keep)
+    node.outputs.clear()
+
+
+def _fold_score_scales(scores: gs.Node, softmax: gs.Node, graph: gs.Graph) -> float:
+    """Remove the scalar Mul/Div nodes between the scores MatMul and Softmax; return their combined factor."""
+    factor = 1.0
+    tensor = softmax.inputs[0]
+    chain = []
+    while tensor is not scores.outputs[0]:
+        node = producer_of(tensor)
+        chain.append(node)
+        tensor = next(t for t in node.inputs if const_value(t) is None)
+    for node in chain:
+        if node.op not in ("Mul", "Div") or len(node.outputs[0].outputs) != 1 or node.outputs[0] in graph.outputs:
+            continue
+        if node.op == "Div" and not _is_scalar_const(node.inputs[1]):
+            continue
+        constant = next((const_value(t) for t in node.inputs if const_value(t) is not None), None)
+        if constant is None or constant.size != 1 or float(constant.reshape(-1)[0]) == 0.0:
+            continue
+        value = float(constant.reshape(-1)[0])
+        factor = factor / value if node.op == "Div" else factor * value
+        _bypass(node, graph, next(t for t in node.inputs if const_value(t) is None))
+    return factor
+
+
+def _drop_probability_guards(softmax: gs.Node, context: gs.Node, scores: gs.Node, graph: gs.Graph) -> None:
+    """Remove float-to-float Casts and ``Where(IsNaN(p), 0, p)`` between Softmax and the context MatMul.
+
+    Softmax of finite scores never yields NaN, so the guard is an identity unless a constant
+    on the scores holds -inf (a fully masked row); then it stays.
+    """
+    tensor = softmax.inputs[0]
+    while tensor is not scores.outputs[0]:
+        node = producer_of(tensor)
+        for t in node.inputs:
+            value = const_value(t)
+            if value is not None and np.issubdtype(value.dtype, np.floating) and np.isinf(value).any():
+                return
+        tensor = next(t for t in node.inputs if const_value(t) is None)
+    probabilities = softmax.outputs[0]
+    changed = True
+    while changed:
+        changed = False
+        for node in list(probabilities.outputs):
+            if node is context or not node.outputs:
+                continue
+            if node.op == "Cast" and node.outputs[0].dtype == probabilities.dtype:
+                _bypass(node, graph, probabilities)
+                changed = True
+            elif node.op == "IsNaN":
+                flags = node.outputs[0]
+                guards = [w for w in flags.outputs if w.op == "Where" and w.inputs[0] is flags
+                          and w.inputs[2] is probabilities and _is_scalar_const(w.inputs[1])]
+                if guards and len(guards) == len(flags.outputs):
+                    for guard in guards:
+                        _bypass(guard, graph, probabilities)
+                    node.outputs.clear()
+                    changed = True
+
+
 class AttentionToChannels(Pass):
     name = "attention"
     summary = "multi-head attention with heads on the channel axis: separate q/k/v 1x1 Convs, no rank-5 tensor"
@@ -273,6 +336,11 @@ class AttentionToChannels(Pass):
             sources.append(HeadSource(conv, channel_map, scale))
         merge_nodes, merged = self._region_below(context, graph)
         self._check_merge(merge_nodes, context.outputs[0], merged, heads, head_dim)
+
+        # 3b. A scalar scale on the scores (Hugging Face's eager attention) moves into the q weights,
+        #     and no-op Casts and the IsNaN guard after Softmax go: each would run on the CPU.
+        sources[0].scale *= _fold_score_scales(scores, softmax, graph)
+        _drop_probability_guards(softmax, context, scores, graph)
 
         # 4. Separate q, k, v convolutions with the heads on the channel axis.
         channels = heads * head_dim

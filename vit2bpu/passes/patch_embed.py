@@ -29,6 +29,9 @@ class PatchEmbedToTokensOnW(Pass):
             if flatten is None or flatten.op not in ("Reshape", "Flatten"):
                 continue
             feature = flatten.inputs[0]
+            conv = producer_of(feature)
+            if conv is None or conv.op != "Conv":
+                continue  # a flatten of attention heads or another tensor, not a patch embedding
             shape4 = static_shape(feature)
             flat = static_shape(flatten.outputs[0])
             if shape4 is None or len(shape4) != 4 or flat is None:
