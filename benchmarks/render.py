@@ -69,7 +69,8 @@ def machine_lines(sections: dict[str, dict]) -> list[str]:
                                                    if name != "vit2bpu_path")]
     export_versions = machine.get("export_versions")
     if export_versions:
-        lines.append("- Export interpreter: " + ", ".join(f"{n} {v}" for n, v in export_versions.items()))
+        lines.append("- Export interpreter: " + ", ".join(f"{n} {v}" for n, v in export_versions.items()
+                                                         if n != "vit2bpu_path"))
     git = machine.get("git", {})
     changed = git.get("changed_outside_benchmarks") or []
     lines.append(f"- Checkout at the start of the run: {git.get('commit')}"
@@ -88,7 +89,7 @@ def conversion_lines(record: dict) -> list[str]:
     lines = ["## 1. Conversion against onnx load+save and onnxsim", "", run_line(record), ""]
     lines += command_lines(record)
     header = ["model", "params (M)", "file (MB)", "vit2bpu s", "load+save s", "onnxsim s",
-              "vit2bpu / load+save", "vit2bpu / onnxsim"]
+              "vit2bpu / load+save", "same without start-up", "vit2bpu / onnxsim"]
     rows, memory_rows, goals = [], [], []
     for row in record.get("rows", []):
         summary, ratios = row["summary"], row["ratios"]
@@ -96,12 +97,16 @@ def conversion_lines(record: dict) -> list[str]:
         rows.append([row["model"], fmt(row["parameters"] / 1e6, 1), fmt(row["file_bytes"] / 1e6, 0),
                      seconds_cell(summary.get("vit2bpu")), seconds_cell(summary.get("load+save")),
                      seconds_cell(summary.get("onnxsim")), fmt_ratio(floor.get("seconds")),
-                     fmt_ratio(onnxsim.get("seconds"))])
+                     fmt(row.get("time_ratio_after_startup")), fmt_ratio(onnxsim.get("seconds"))])
         memory_rows.append([row["model"], memory_cell(summary.get("vit2bpu")), memory_cell(summary.get("load+save")),
                             memory_cell(summary.get("onnxsim")), fmt_ratio(floor.get("max_rss_mib")),
                             fmt_ratio(onnxsim.get("max_rss_mib"))])
         goals.append(conversion_goal_line(row["model"], floor, onnxsim))
-    lines += ["Wall time, seconds: median (min-max); ratios are per-round medians (min-max):", ""]
+    startup = record.get("startup_seconds", {})
+    lines += ["Wall time, seconds: median (min-max). Ratios are per-round medians (min-max). 'same without "
+              f"start-up' subtracts the median start-up of each command from the medians: "
+              f"{fmt(startup.get('vit2bpu start-up'))} s for vit2bpu (`python -m vit2bpu --version`) and "
+              f"{fmt(startup.get('onnx import'))} s for load+save (`python -c 'import onnx'`).", ""]
     lines += table(header, rows) + [""]
     lines += ["Peak resident memory, MiB (median):", ""]
     lines += table(["model", "vit2bpu", "load+save", "onnxsim", "vit2bpu / load+save", "vit2bpu / onnxsim"],
@@ -168,11 +173,12 @@ def scaling_lines(record: dict) -> list[str]:
             steps = ", ".join(fmt(s * scale, 3) for s in result["marginal_seconds_per_x"])
             lines.append(f"- {label}: least-squares slope {fmt(result['slope_seconds_per_x'] * scale, 3)} s per "
                          f"{unit}, intercept {fmt(result['intercept_seconds'])} s, R^2 "
-                         f"{fmt(result['r_squared'], 4)}; marginal cost per step {steps} s per {unit} "
-                         f"(last/first {fmt(result['last_to_first_step_ratio'])}): {result['verdict']}")
+                         f"{fmt(result['r_squared'], 4)}. Marginal cost of the two steps {steps} s per {unit}; "
+                         f"last/first per round {fmt_ratio(result['last_to_first_step_ratio'])}: "
+                         f"{result['verdict']}")
         lines.append("")
-    lines += ["'linear' means the marginal cost of the last step is within a factor 1.25 of the first step's; "
-              "the factor is this script's choice, not a standard.", ""]
+    lines += ["'linear' means that the median per-round ratio of the last step's marginal cost to the first "
+              "step's is within a factor 1.25 of 1. The factor is this script's choice, not a standard.", ""]
     lines += pass_table(record.get("rows", []))
     return lines
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -281,7 +282,7 @@ def display(argv: list[str], ctx: Context, replacements: dict[str, str]) -> str:
         for long, short in replacements.items():
             word = word.replace(long, short)
         words.append(word)
-    return " ".join(words)
+    return shlex.join(words)
 
 
 def relative_to_repository(path: Path) -> str:
@@ -378,7 +379,15 @@ def convert_argv(ctx: Context, input_model: Path, target: Path, *extra: str) -> 
 
 def section_conversion(ctx: Context) -> dict:
     """Measure time and peak memory of the conversion against onnx load+save and onnxsim, per model."""
-    rows, samples, commands = [], {}, {}
+    # Start-up and imports alone, so the ratios can also be given without them.
+    startup_runs = [Command("vit2bpu start-up", [ctx.python, "-m", "vit2bpu", "--version"]),
+                    Command("onnx import", [ctx.python, "-c", "import onnx"])]
+    ctx.progress(f"conversion: start-up, {ctx.args.repetitions} rounds")
+    startup = run_interleaved(startup_runs, ctx.args.repetitions, timeout=ctx.args.timeout,
+                              log_dir=ctx.logs / "conversion" / "startup", progress=ctx.progress)
+    startup_seconds = {label: summarize(runs_)["seconds_median"] for label, runs_ in startup.items()}
+    rows, samples, commands = [], {"(start-up)": samples_to_dicts(startup)}, {}
+
     for name in ctx.args.models:
         spec = MODELS[name]
         input_model = ensure_model(ctx, spec)
@@ -410,8 +419,21 @@ def section_conversion(ctx: Context) -> dict:
                 "seconds": paired_ratio(measured["vit2bpu"], measured[baseline], "seconds"),
                 "max_rss_mib": paired_ratio(measured["vit2bpu"], measured[baseline], "max_rss_mib"),
             }
+        row["time_ratio_after_startup"] = ratio_after_startup(row["summary"], startup_seconds)
         rows.append(row)
-    return {"commands": commands, "rows": rows, "samples": samples}
+
+    commands.update({label: display(c.argv, ctx, {}) for label, c in zip(startup, startup_runs)})
+    return {"commands": commands, "rows": rows, "samples": samples, "startup_seconds": startup_seconds}
+
+
+def ratio_after_startup(summary: dict, startup_seconds: dict) -> float | None:
+    """Return (vit2bpu - its start-up) / (load+save - onnx import), from the medians."""
+    converted = summary["vit2bpu"]["seconds_median"]
+    floor = summary["load+save"]["seconds_median"]
+    own, onnx_import = startup_seconds.get("vit2bpu start-up"), startup_seconds.get("onnx import")
+    if None in (converted, floor, own, onnx_import) or floor <= onnx_import:
+        return None
+    return (converted - own) / (floor - onnx_import)
 
 
 def report_seconds(report_path: Path):
@@ -466,8 +488,10 @@ def scaling_row(spec: ModelSpec, runs: list[Sample], facts: dict) -> dict:
     for sample in good:
         for pass_name, seconds in sample.details.get("pass_seconds", {}).items():
             pass_seconds.setdefault(pass_name, []).append(seconds)
+    rounds = {s.repetition: {"whole_process": s.seconds, "in_process": s.details.get("seconds", {}).get("convert")}
+              for s in good}
     return {"model": spec.name, "depth": spec.depth, "embed_dim": spec.embed_dim,
-            "parameters": facts["parameters"], "nodes": facts["nodes"], "summary": summarize(runs),
+            "parameters": facts["parameters"], "nodes": facts["nodes"], "summary": summarize(runs), "rounds": rounds,
             "convert_seconds_median": statistics.median(in_process) if in_process else None,
             "pass_seconds_median": {name: statistics.median(values) for name, values in pass_seconds.items()}}
 
@@ -477,44 +501,59 @@ def scaling_row(spec: ModelSpec, runs: list[Sample], facts: dict) -> dict:
 LINEAR_TOLERANCE = 1.25
 
 
+def marginal_costs(xs: list[float], ys: list[float]) -> list[float]:
+    return [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+
+
+def linearity_verdict(step_ratio: float | None) -> str:
+    if step_ratio is None:
+        return "undetermined: the first step did not take longer"
+    if step_ratio > LINEAR_TOLERANCE:
+        return "faster than linear"
+    if step_ratio < 1 / LINEAR_TOLERANCE:
+        return "slower than linear"
+    return "linear"
+
+
 def scaling_fit(rows: list[dict], x_field: str, startup: float | None) -> dict:
-    """Fit time = a + b * x by least squares and compare the marginal cost of the two steps.
+    """Fit time = a + b * x by least squares and compare the marginal cost of the last step with the first.
 
     ``x`` is the depth or the parameter count. The time is the whole-process median,
     and also the in-process ``convert`` seconds of the --report file, which leave out
-    interpreter start-up and writing the output.
+    interpreter start-up and writing the output. The step ratio is computed in each
+    round, from runs made seconds apart, and its median decides the verdict.
     """
     result = {"x": x_field, "points": [], "fits": {}}
+    xs = [float(row[x_field]) for row in rows]
     for time_field in ("whole_process", "in_process"):
-        xs, ys = [], []
-        for row in rows:
-            y = row["summary"]["seconds_median"] if time_field == "whole_process" else row["convert_seconds_median"]
-            if y is not None:
-                xs.append(float(row[x_field]))
-                ys.append(y)
-        if len(xs) < 3:
+        ys = [row["summary"]["seconds_median"] if time_field == "whole_process" else row["convert_seconds_median"]
+              for row in rows]
+        if len(rows) < 3 or any(y is None for y in ys):
             result["fits"][time_field] = {"error": "fewer than 3 measured points"}
             continue
         slope, intercept = statistics.linear_regression(xs, ys)
-        predicted = [intercept + slope * x for x in xs]
         mean = statistics.fmean(ys)
-        residual = sum((y - p) ** 2 for y, p in zip(ys, predicted))
+        residual = sum((y - (intercept + slope * x)) ** 2 for x, y in zip(xs, ys))
         total = sum((y - mean) ** 2 for y in ys)
-        steps = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
-        step_ratio = steps[-1] / steps[0] if steps[0] > 0 else None
-        if step_ratio is None:
-            verdict = "undetermined: the first step did not take longer"
-        elif step_ratio > LINEAR_TOLERANCE:
-            verdict = "faster than linear"
-        elif step_ratio < 1 / LINEAR_TOLERANCE:
-            verdict = "slower than linear"
-        else:
-            verdict = "linear"
+
+        round_ratios = []
+        for repetition in sorted(set.intersection(*(set(row["rounds"]) for row in rows))):
+            round_ys = [row["rounds"][repetition][time_field] for row in rows]
+            if any(y is None for y in round_ys):
+                continue
+            steps = marginal_costs(xs, round_ys)
+            if steps[0] > 0:
+                round_ratios.append(steps[-1] / steps[0])
+        step_ratio = statistics.median(round_ratios) if round_ratios else None
         result["fits"][time_field] = {
             "slope_seconds_per_x": slope, "intercept_seconds": intercept,
             "r_squared": 1 - residual / total if total > 0 else None,
-            "marginal_seconds_per_x": steps, "last_to_first_step_ratio": step_ratio, "verdict": verdict,
+            "marginal_seconds_per_x": marginal_costs(xs, ys),
+            "last_to_first_step_ratio": {"median": step_ratio, "min": min(round_ratios, default=None),
+                                         "max": max(round_ratios, default=None), "rounds": len(round_ratios)},
+            "verdict": linearity_verdict(step_ratio),
         }
+
     for row in rows:
         whole = row["summary"]["seconds_median"]
         point = {"model": row["model"], "x": row[x_field], "whole_process_seconds": whole,

@@ -219,3 +219,19 @@ def test_dynamo_blocks_from_node_metadata():
     assert [b.block for b in report.blocks] == BLOCKS
     assert report.first_divergent_block is None
     assert all(b.tensor is not None for b in report.blocks)
+
+
+def test_diff_rejects_an_int8_qdq_model(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    from vit2bpu import cli
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "z")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "int8.onnx"))
+    assert cli.main(["diff", str(fixture_path("timm_deit_ts_op14.onnx")), str(tmp_path / "int8.onnx")]) == 2
+    assert "not an INT8 QDQ model" in capsys.readouterr().err

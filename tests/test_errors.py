@@ -163,3 +163,35 @@ def test_input_never_modified(tmp_path):
     assert cli.main([str(path), str(tmp_path / "o.onnx"), "-q"]) == 0
     assert path.read_bytes() == before
     assert path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("selection", [[], ["restore_tokens"], ["patch_embed"], ["linear"], ["layernorm"],
+                                       ["attention"], ["softmax"], ["layout"], ["fold_norm_affine"]])
+def test_any_pass_subset_gives_a_valid_model(selection):
+    model, report = vit2bpu.convert(fixture_path(FIXTURE), passes=selection)
+    onnx.checker.check_model(model, full_check=True)
+    assert report.parity_passed
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((1, 3, 32, 32), np.float32), "has shape [1, 3, 32, 32], the model takes [1, 3, 64, 64]"),
+    (np.zeros((1, 3, 64, 64), np.float64), "is float64, the model takes float32"),
+])
+def test_bad_parity_input_is_a_usage_error(tmp_path, capsys, array, message):
+    np.save(tmp_path / "x.npy", array)
+    args = [str(fixture_path(FIXTURE)), str(tmp_path / "o.onnx"), "--parity-input", str(tmp_path / "x.npy")]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_outputs_get_the_umask_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        args = [str(fixture_path(FIXTURE)), str(tmp_path / "o.onnx"), "--external-data", "--report",
+                str(tmp_path / "r.json"), "-q"]
+        assert cli.main(args) == 0
+    finally:
+        os.umask(umask)
+    for name in ("o.onnx", "o.onnx.data", "r.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

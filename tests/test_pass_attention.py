@@ -123,10 +123,10 @@ def test_blocks_only_model_with_token_input():
 
 
 def test_scores_scale_folded_and_guards_dropped():
-    converted, _ = vit2bpu.convert(fixture_path("hf_vit_sdpa_dynamo_op18.onnx"))
+    converted, _ = vit2bpu.convert(fixture_path("hf_vit_sdpa_dynamo_op18.onnx"), parity=False)
     ops = collections.Counter(n.op_type for n in converted.graph.node)
     assert "IsNaN" not in ops and "Where" not in ops and "Cast" not in ops
-    converted, _ = vit2bpu.convert(fixture_path("hf_deit_teacher_eager_op14.onnx"))
+    converted, _ = vit2bpu.convert(fixture_path("hf_deit_teacher_eager_op14.onnx"), parity=False)
     softmax_inputs = {n.input[0] for n in converted.graph.node if n.op_type == "Softmax"}
     producers = {o: n.op_type for n in converted.graph.node for o in n.output}
     assert {producers[t] for t in softmax_inputs} == {"MatMul"}  # the 1/sqrt(d) Mul went into the q weights

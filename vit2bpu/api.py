@@ -106,9 +106,10 @@ def convert(model: onnx.ModelProto | str | os.PathLike, options: ConvertOptions 
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-         input_path: str | os.PathLike | None = None, force: bool = False) -> list[str]:
+         input_path: str | os.PathLike | None = None, force: bool = False, keep_weights: bool = True) -> list[str]:
     """Write a converted model atomically; see ``model_io.save_model``."""
-    return save_model(model, path, external_data=external_data, input_path=input_path, force=force)
+    return save_model(model, path, external_data=external_data, input_path=input_path, force=force,
+                      keep_weights=keep_weights)
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:

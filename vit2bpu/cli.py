@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_OK, ParityError, UsageError, Vit2BpuError
 from .options import ConvertOptions, parse_shape
+from .passes import REWRITE_NAMES
 from .targets import LAYERNORM_FORMS, SOFTMAX_FORMS, TARGETS
 
 EXIT_CODES_HELP = """exit codes:
@@ -38,7 +40,7 @@ EXIT_CODES_HELP = """exit codes:
 COMMANDS = {
     "check": ("vit2bpu.check", "predict which nodes of a model run on the BPU or the CPU of a target, and why"),
     "hb-config": ("vit2bpu.hbconfig", "write a hb_mapper makertbin YAML for a converted model"),
-    "calibrate": ("vit2bpu.calibrate", "write calibration tensors (.npy) from a folder of images"),
+    "calibrate": ("vit2bpu.calibrate", "write hb_mapper calibration tensors from a folder of images"),
     "quantize": ("vit2bpu.quantize", "simulate INT8 (onnxruntime QDQ) and report agreement with FP32"),
     "eval": ("vit2bpu.evaluate", "top-1/top-5 accuracy of a model on an ImageNet-style folder"),
     "diff": ("vit2bpu.diff", "per-block parity between an original and a converted model"),
@@ -65,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=sorted(TARGETS), default="x5",
                         help="chip profile that picks the emitted forms: x3 (RDK X3), x5 (RDK X5, default), j5")
     parser.add_argument("--layernorm", choices=LAYERNORM_FORMS,
-                        help="LayerNorm statistics: 1x1 Conv with weights 1/C, or ReduceMean over channels "
-                             "(default: the target's)")
+                        help="LayerNorm statistics: conv (1x1 Conv with weights 1/C, then Sub), center (a C->C "
+                             "centring Conv, no Sub) or reducemean (ReduceMean over channels); default: the target's")
     parser.add_argument("--softmax", choices=SOFTMAX_FORMS, help="keep Softmax as one op, or decompose it "
                                                                  "(default: the target's)")
     parser.add_argument("--no-fold-affine", action="store_true",
@@ -74,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
                         help="static shape for an input (repeatable); a symbolic batch is pinned to 1 otherwise")
     parser.add_argument("--passes", metavar="LIST",
-                        help="comma-separated rewrites to run (default: all): "
-                             "patch_embed,linear,layernorm,attention,layout,fold_norm_affine")
+                        help="comma-separated rewrites to run (default: all): " + ",".join(REWRITE_NAMES))
     parser.add_argument("--simplify", action="store_true", help="run onnxsim on the input first (needs onnxsim)")
     parser.add_argument("--strict", action="store_true",
                         help="fail (exit 4) when any node is left outside the 4-D convolution form")
@@ -128,7 +129,8 @@ def _convert(args) -> int:
         if args.report and partial is not None:
             _write_report(args.report, partial)
         raise
-    written = save(model, args.output, external_data=args.external_data, input_path=args.input, force=args.force)
+    written = save(model, args.output, external_data=args.external_data, input_path=args.input, force=args.force,
+                   keep_weights=False)
     report.output = args.output
     if args.report:
         _write_report(args.report, report)
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vit2bpu: error: {exc.format()}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader of our output went away (vit2bpu check ... | head); stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("vit2bpu: interrupted; nothing was written", file=sys.stderr)
         return 130

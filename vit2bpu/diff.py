@@ -333,6 +333,14 @@ def diff_models(original: onnx.ModelProto | str | os.PathLike, converted: onnx.M
     0.9999 for float32 models, 0.999 for float16). Raises UsageError when no
     tensor of ``original`` can be paired with one of ``converted``.
     """
+    for candidate in (original, converted):
+        proto = candidate if isinstance(candidate, onnx.ModelProto) else None
+        if proto is None and Path(candidate).exists():
+            proto = onnx.load(str(candidate), load_external_data=False)
+        if proto is not None and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+            raise UsageError("diff compares an exported model with its vit2bpu conversion, not an INT8 QDQ model",
+                             path=str(candidate) if proto is not candidate else None,
+                             hint="'vit2bpu quantize' reports the FP32-vs-INT8 agreement")
     original_model, original_path = _as_model(original)
     converted_model, converted_path = _as_model(converted)
     if threshold is None:

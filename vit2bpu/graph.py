@@ -250,7 +250,7 @@ def export_model(graph: gs.Graph, opset: int) -> onnx.ModelProto:
             initializer.CopyFrom(stored.tensor)
             initializer.name = tensor.name
             continue
-        value = np.ascontiguousarray(tensor.values)
+        value = np.asarray(tensor.values)  # not ascontiguousarray, which turns a rank-0 scalar into shape [1]
         initializer.name = tensor.name
         initializer.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         initializer.dims.extend(value.shape)

@@ -65,7 +65,8 @@ def build_config(model: onnx.ModelProto, model_path: str, target: str, calibrati
         raise UsageError(f"hb-config supports single-input models; this one has {len(model.graph.input)} inputs")
     opset = default_opset(model)
     if opset is not None and opset > 11:
-        raise UsageError(f"the model is opset {opset}; hb_mapper reads opset 10-11", hint="convert it with vit2bpu first")
+        raise UsageError(f"the model is opset {opset}; hb_mapper reads opset 10-11", path=model_path,
+                         hint="convert it with vit2bpu first")
     graph_input = model.graph.input[0]
     dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
     if len(dims) != 4 or any(d <= 0 for d in dims) or dims[0] != 1:

@@ -205,6 +205,17 @@ def upgrade_to_min_opset(model: onnx.ModelProto, path: str | None = None) -> onn
     return upgraded
 
 
+def _public_mode(path: Path) -> None:
+    """Give a file written through a temporary name the mode a plain open() would (0666 minus the umask).
+
+    mkstemp and mkdtemp create owner-only files, which a toolchain container running as
+    another user could not read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
@@ -213,11 +224,13 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-               input_path: str | os.PathLike | None = None, force: bool = False) -> list[str]:
+               input_path: str | os.PathLike | None = None, force: bool = False,
+               keep_weights: bool = True) -> list[str]:
     """Write ``model`` to ``path`` atomically and return the files written.
 
     With external data (asked for, or needed above 2 GiB), the weights go to
-    ``<name>.data`` beside the model. Both files are first written to a
+    ``<name>.data`` beside the model, and ``keep_weights=False`` leaves them out of
+    ``model`` afterwards instead of reading them back. Both files are first written to a
     temporary folder inside the destination folder; the data file is renamed
     into place first and the model last; on any failure both are removed.
     """
@@ -249,8 +262,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 handle.flush()
                 os.fsync(handle.fileno())
         if needs_external:
+            _public_mode(staging / data_name)
             os.replace(staging / data_name, folder / data_name)
             written.append(str(folder / data_name))
+        _public_mode(staged_model)
         os.replace(staged_model, path)
         written.append(str(path))
     except OSError as exc:
@@ -261,7 +276,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                           hint="check free space and permissions") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if needs_external:
+    if needs_external and keep_weights:
         # onnx.save_model moved the weights out of the in-memory model; read them back for the caller.
         onnx.load_external_data_for_model(model, str(folder))
     return written
@@ -272,13 +287,14 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise OutputError(f"report folder '{folder}' does not exist", path=str(path))
+        raise OutputError(f"output folder '{folder}' does not exist", path=str(path), hint="create it first")
     temporary = None
     try:
         with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False,
                                          encoding="utf-8") as handle:
             temporary = handle.name
             handle.write(text)
+        _public_mode(Path(temporary))
         os.replace(temporary, path)
     except OSError as exc:
         if temporary is not None:

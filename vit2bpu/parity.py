@@ -89,8 +89,9 @@ def load_user_inputs(path: str | os.PathLike, input_names: list[str]) -> dict[st
         raise UsageError(f"parity input file '{path}' not found")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"parity input file '{path}' is not a .npy or .npz file: {exc}") from None
+    except (OSError, ValueError):
+        raise UsageError(f"parity input file '{path}' is not a .npy or .npz file",
+                         hint="save the arrays with numpy.save or numpy.savez") from None
     if isinstance(data, np.ndarray):
         if len(input_names) != 1:
             raise UsageError(f"'{path}' contains one array but the model has inputs {input_names}; use an .npz "
@@ -100,6 +101,24 @@ def load_user_inputs(path: str | os.PathLike, input_names: list[str]) -> dict[st
     if missing:
         raise UsageError(f"'{path}' has arrays {sorted(data.files)} but not the model inputs {missing}")
     return {name: data[name] for name in input_names}
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _check_user_inputs(session, user_inputs: Mapping[str, np.ndarray], input_shapes: Mapping[str, list[int]]) -> None:
+    """Reject parity inputs whose shape or element type differs from the model's pinned inputs."""
+    for info in session.get_inputs():
+        value = np.asarray(user_inputs[info.name])
+        expected_shape = list(input_shapes.get(info.name, []))
+        if list(value.shape) != expected_shape:
+            raise UsageError(f"parity input '{info.name}' has shape {list(value.shape)}, the model takes "
+                             f"{expected_shape}", hint="give arrays of the input shape, or change --input-shape")
+        expected_type = _ORT_TYPES.get(info.type)
+        if expected_type is not None and value.dtype != expected_type:
+            raise UsageError(f"parity input '{info.name}' is {value.dtype}, the model takes "
+                             f"{np.dtype(expected_type)}", hint=f"convert it with array.astype(numpy.{np.dtype(expected_type)})")
 
 
 def compare_outputs(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputParity:
@@ -143,6 +162,7 @@ def check_parity(original: onnx.ModelProto | str, converted: onnx.ModelProto, in
     reference = _session(original, "original")
     candidate = _session(converted, "converted")
     if user_inputs is not None:
+        _check_user_inputs(reference, user_inputs, input_shapes)
         batches = [dict(user_inputs)]
     else:
         batches = [make_inputs(reference, input_shapes, seed + i) for i in range(samples)]

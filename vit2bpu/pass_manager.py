@@ -7,6 +7,7 @@ debug level, with the reason, and its total at info level.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class Pass:
         start = time.perf_counter()
         self.apply(graph, GraphEditor(graph), ctx, result)
         cleanup(graph)
+        # Removed nodes and tensors form reference cycles; collect them now so replaced weights
+        # do not pile up across passes on large models.
+        gc.collect()
         result.seconds = time.perf_counter() - start
         self.log.info("%s: %d rewritten, %d skipped (%.2f s)", self.name, result.rewritten,
                       len(result.skipped), result.seconds)
