@@ -14,7 +14,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import __version__
 from .errors import ParityError, UnsupportedModelError, UsageError, Vit2BpuError
-from .graph import export_model, light_model
+from .graph import export_model, light_model, release_memory
 from .model_io import (check_structure, default_opset, load_model, save_model, upgrade_to_min_opset, validate_model,
                        weight_bytes)
 from .options import DEFAULT_MIN_COSINE, ConvertOptions
@@ -68,21 +68,20 @@ def convert(model: onnx.ModelProto | str | os.PathLike, options: ConvertOptions 
     graph = gs.import_onnx(working)
     graph.toposort()  # some post-processors (onnxruntime's float16 converter) leave nodes unsorted
     ctx = PassContext(options=options, opset=default_opset(working))
+    if path is not None:
+        # The input was read here, so it can go now: its weights move into the graph, and each
+        # one the passes replace is freed as they go. Parity then reads the original from its file.
+        _detach_from_input(graph)
+        del original, working
+        release_memory()
     pipeline = build_pipeline(list(options.passes) if options.passes is not None else None)
     report.passes = run_passes(graph, pipeline, ctx)
     report.input_shapes = {t.name: list(t.shape) for t in graph.inputs}
 
     # 3. Write the opset-11 model and check its structure.
-    if path is not None:
-        # The input was read here, so it can go before the export adds a copy of the new
-        # weights: the few weights no pass replaced move into the graph first. Parity then
-        # reads the original from its file.
-        _detach_from_input(graph)
-        del original, working
-        gc.collect()
     converted = _export(graph)
     del graph
-    gc.collect()  # graphsurgeon graphs are reference cycles; free the old weights now, not later
+    release_memory()
     report.ops_after = op_counts(converted)
     report.unconverted = structure_issues(converted, ctx.output_restore_nodes)
     _explain_unconverted(report)
@@ -139,7 +138,10 @@ def _detach_from_input(graph: gs.Graph) -> None:
     protobuf keeps a whole message in one arena, so the input's memory returns only when
     nothing refers to any part of it.
     """
-    for tensor in graph.tensors().values():
+    constants = list(graph.tensors().values())
+    for node in graph.nodes:  # a Constant node's value is an attribute, outside graph.tensors()
+        constants.extend(v for v in node.attrs.values() if isinstance(v, gs.Constant))
+    for tensor in constants:
         if isinstance(getattr(tensor, "_values", None), LazyValues):
             tensor.values = tensor._values.load()
 

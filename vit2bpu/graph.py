@@ -8,6 +8,7 @@ shapes, rewiring consumers, keeping graph output names stable).
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Iterable, Sequence
 
@@ -295,6 +296,22 @@ def _merge_dims(known, inferred):
         return inferred
     return [k if isinstance(k, (int, np.integer)) and (not isinstance(i, (int, np.integer))) else i
             for k, i in zip(known, inferred)]
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system.
+
+    graphsurgeon graphs are reference cycles, so replaced weights wait for the cyclic
+    collector; and glibc keeps freed tensors of tens of megabytes in its heap unless
+    malloc_trim returns them (glibc only; elsewhere the memory is reused by later allocations).
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cleanup(graph: gs.Graph) -> None:

@@ -7,14 +7,13 @@ debug level, with the reason, and its total at info level.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from .graph import GraphEditor, cleanup
+from .graph import GraphEditor, cleanup, release_memory
 from .options import ConvertOptions
 
 log = logging.getLogger(__name__)
@@ -74,9 +73,7 @@ class Pass:
         start = time.perf_counter()
         self.apply(graph, GraphEditor(graph), ctx, result)
         cleanup(graph)
-        # Removed nodes and tensors form reference cycles; collect them now so replaced weights
-        # do not pile up across passes on large models.
-        gc.collect()
+        release_memory()  # so replaced weights do not pile up across passes on large models
         result.seconds = time.perf_counter() - start
         self.log.info("%s: %d rewritten, %d skipped (%.2f s)", self.name, result.rewritten,
                       len(result.skipped), result.seconds)
