@@ -16,8 +16,10 @@ def fmt(value, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
-def fmt_ratio(ratio: dict | None, digits: int = 2) -> str:
-    """Format a paired ratio as 'median (min-max)'."""
+def fmt_ratio(ratio: dict | float | None, digits: int = 2) -> str:
+    """Format a paired ratio as 'median (min-max)', or a single number as it is."""
+    if isinstance(ratio, (int, float)):
+        return fmt(ratio, digits)
     if not ratio or ratio.get("median") is None:
         return "n/a"
     return f"{ratio['median']:.{digits}f} ({ratio['min']:.{digits}f}-{ratio['max']:.{digits}f})"

@@ -834,7 +834,12 @@ def main() -> int:
     ctx.progress(f"sections: {', '.join(sections)}; results in {output}")
     for name in sections:
         run_section(ctx, name, machine)
-        write_results(output)
+        try:
+            write_results(output)
+        except Exception:  # a rendering bug must not stop the measuring, and the section file is already written
+            print(f"run.py: could not write results.md, results.json or samples.csv:\n{traceback.format_exc()}"
+                  "The section files are complete, so 'run.py --render-only' can write them after a fix.",
+                  file=sys.stderr, flush=True)
 
     os.chdir(output)
     shutil.rmtree(ctx.scratch, ignore_errors=True)
