@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 def make_session(path: str, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    # 0 lets onnxruntime choose, which is one thread per physical core.
+    # 0 lets onnxruntime choose: one thread per physical core, as its "Thread management" page documents.
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

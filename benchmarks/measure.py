@@ -123,7 +123,10 @@ def run_interleaved(commands: Sequence[Command], repetitions: int, *, timeout: f
                 reason = f"timed out after {timeout:.0f} s" if timed_out else f"exit code {exit_code}"
                 sample.error = f"{reason}: {last_lines(log_path)}"
             elif command.inspect is not None:
-                sample.details = command.inspect()
+                try:
+                    sample.details = command.inspect()
+                except (OSError, ValueError, KeyError) as exc:
+                    sample.details = {"error": f"could not read the details: {exc}"}
             samples[command.label].append(sample)
             remove_files(command.outputs)
             status = "ok" if sample.ok else f"FAILED ({sample.error})"
@@ -157,8 +160,8 @@ def summarize(samples: Sequence[Sample]) -> dict:
 def paired_ratio(numerator: Sequence[Sample], denominator: Sequence[Sample], metric: str) -> dict:
     """Median and range over the rounds of numerator/denominator, paired by repetition.
 
-    Pairing by round cancels most of the load that other jobs put on a shared
-    machine, because both runs of a pair ran within seconds of each other.
+    Pairing by round reduces the effect of load from other jobs on a shared machine,
+    because both runs of a pair ran within seconds of each other.
     """
     by_round = {s.repetition: s for s in denominator if s.ok}
     ratios = [getattr(s, metric) / getattr(by_round[s.repetition], metric)

@@ -90,6 +90,7 @@ def machine_lines(sections: dict[str, dict]) -> list[str]:
 def conversion_lines(record: dict) -> list[str]:
     lines = ["## 1. Conversion against onnx load+save and onnxsim", "", run_line(record), ""]
     lines += command_lines(record)
+
     header = ["model", "params (M)", "file (MB)", "vit2bpu s", "load+save s", "onnxsim s",
               "vit2bpu / load+save", "same without start-up", "vit2bpu / onnxsim"]
     rows, memory_rows, goals = [], [], []
@@ -104,6 +105,7 @@ def conversion_lines(record: dict) -> list[str]:
                             memory_cell(summary.get("onnxsim")), fmt_ratio(floor.get("max_rss_mib")),
                             fmt_ratio(onnxsim.get("max_rss_mib"))])
         goals.append(conversion_goal_line(row["model"], floor, onnxsim))
+
     startup = record.get("startup_seconds", {})
     lines += ["Wall time, seconds: median (min-max). Ratios are per-round medians (min-max). 'same without "
               f"start-up' subtracts the median start-up of each command from the medians: "
@@ -115,6 +117,7 @@ def conversion_lines(record: dict) -> list[str]:
                    memory_rows) + [""]
     lines += [f"Goals: time at most {GOAL_TIME_VS_FLOOR}x load+save, peak memory at most {GOAL_MEMORY_VS_FLOOR}x "
               "load+save, both below onnxsim.", ""] + goals + [""]
+
     errors = [f"- {row['model']} {label}: {', '.join(s['errors'])}" for row in record.get("rows", [])
               for label, s in row["summary"].items() if s.get("errors")]
     if errors:
@@ -313,7 +316,7 @@ def render_markdown(sections: dict[str, dict]) -> str:
     lines = ["# vit2bpu benchmark results", "",
              "Written by `benchmarks/run.py`. Times are whole-process wall times and peak resident set sizes "
              "(ru_maxrss of the child process), medians over interleaved rounds. Ratios are medians of per-round "
-             "ratios, which cancel most of the load of other jobs on a shared machine.", ""]
+             "ratios, which reduce the effect of load from other jobs on a shared machine.", ""]
     if not sections:
         return "\n".join(lines + ["No section results found.", ""])
     lines += machine_lines(sections)

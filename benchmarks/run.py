@@ -5,8 +5,8 @@
 
 Every figure is a median over repetitions. Commands that are compared run
 interleaved (A, B, A, B, ... with a rotating start), and ratios are taken per
-round before the median, so the load that other jobs put on a shared machine
-largely cancels. Times and peak memory are those of whole processes (see
+round before the median, which reduces the effect of load from other jobs on a
+shared machine. Times and peak memory are those of whole processes (see
 measure.py). Models are timm DeiT/ViT exports with random weights from
 models/export.py, cached in --model-cache so reruns do not export again.
 
@@ -93,7 +93,7 @@ def comma_list(choices):
         items = [item.strip() for item in text.split(",") if item.strip()]
         unknown = [item for item in items if item not in choices]
         if unknown:
-            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(unknown)}. Choose from: {', '.join(choices)}")
         return items
     return parse
 
@@ -260,7 +260,8 @@ def model_facts(ctx: Context, path: Path) -> dict:
     completed = subprocess.run([ctx.python, "-c", FACTS_SCRIPT, str(path)], capture_output=True, text=True,
                                check=False)
     if completed.returncode != 0:
-        raise BenchmarkError(f"could not read {path}: {completed.stderr.strip().splitlines()[-1:]}")
+        last_line = (completed.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise BenchmarkError(f"failed to read {path}: {last_line}")
     return json.loads(completed.stdout)
 
 
@@ -339,7 +340,7 @@ def git_state() -> dict:
 
 
 def source_digest(folder: str | None) -> str | None:
-    """SHA-256 over the names and contents of the .py files of a package, to identify the code measured."""
+    """Return the SHA-256 of the names and contents of a package's .py files, to identify the code measured."""
     if not folder or not Path(folder).is_dir():
         return None
     digest = hashlib.sha256()

@@ -324,12 +324,25 @@ class AttentionToChannels(Pass):
             raise AttentionRejected(f"unexpected shapes q {shapes[0]}, k^T {shapes[1]}, v {shapes[2]}")
 
         # 2-3. Measure how q, k^T and v are read out of the Linear outputs.
+        #      Targets read from the same Linear output (timm's fused qkv) share one probe model.
         order = {id(node): index for index, node in enumerate(graph.nodes)}
-        sources = []
-        for target, token_axis, chan_axes in ((a, 2, [1, 3]), (bt, 3, [1, 2]), (v, 2, [1, 3])):
+        groups: dict[int, dict] = {}
+        for role, (target, token_axis, chan_axes) in enumerate(((a, 2, [1, 3]), (bt, 3, [1, 2]), (v, 2, [1, 3]))):
             nodes, source = _region_above(target)
-            nodes.sort(key=lambda node: order[id(node)])
-            channel_map, scale = measure_gather(nodes, source, [target], [token_axis], [chan_axes])[0]
+            group = groups.setdefault(id(source), {"source": source, "nodes": {}, "members": []})
+            group["nodes"].update((id(node), node) for node in nodes)
+            group["members"].append((role, target, token_axis, chan_axes))
+        measured = {}
+        for group in groups.values():
+            nodes = sorted(group["nodes"].values(), key=lambda node: order[id(node)])
+            members = group["members"]
+            results = measure_gather(nodes, group["source"], [m[1] for m in members], [m[2] for m in members],
+                                     [m[3] for m in members])
+            for (role, *_), result in zip(members, results):
+                measured[role] = (group["source"], result)
+        sources = []
+        for role in range(3):
+            source, (channel_map, scale) = measured[role]
             conv = producer_of(channels_first_source(source))
             if conv is None or conv.op != "Conv" or const_value(conv.inputs[1]) is None:
                 raise AttentionRejected(f"'{source.name}' does not come from a 1x1 Conv with constant weights")
