@@ -123,5 +123,5 @@ def test_external_data_in_and_out(tmp_path):
     reloaded = onnx.load(str(tmp_path / "out.onnx"))
     assert_bpu_form(reloaded)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
-    # The in-memory model still holds its weights after saving.
+    # The in-memory model still contains its weights after saving.
     assert all(not t.external_data for t in model.graph.initializer)

@@ -61,7 +61,7 @@ CHIPS = {
 
 @dataclass
 class NodeInfo:
-    """What the rules need to know about one node."""
+    """Facts about one node that the placement rules read."""
 
     name: str
     op: str

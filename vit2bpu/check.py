@@ -182,7 +182,7 @@ def _folded_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """
     graph = gs.import_onnx(model)
     graph.toposort()
-    infer_shapes(graph)  # onnx-graphsurgeon folds Shape only where it knows the shape
+    infer_shapes(graph)  # onnx-graphsurgeon folds Shape only where the shape is already inferred
     gs_logger = logging.getLogger("onnx_graphsurgeon")
     level = gs_logger.level
     gs_logger.setLevel(logging.ERROR)
@@ -283,7 +283,7 @@ def map_checker_rows(rows: list[dict], node_names: list[str]) -> list[dict]:
 
 
 def compare(report: CheckReport, rows: list[dict], model: onnx.ModelProto) -> dict:
-    """Where the prediction and the checker disagree about the model's own nodes."""
+    """Compare the prediction with the checker on the model's own nodes and return where they disagree."""
     op_of = {n.name: n.op_type for n in model.graph.node}
     mapped = map_checker_rows(rows, list(op_of))
     checker_cpu = sorted({r["model_node"] for r in mapped if r["device"] == "CPU" and r["model_node"]})

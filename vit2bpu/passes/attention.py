@@ -50,12 +50,12 @@ PROBS_CHAIN_OPS = {"Cast", "Where", "IsNaN", "Identity"}
 
 
 class AttentionRejected(Exception):
-    """A candidate attention block does not fit the 4-D rewrite; the message says why."""
+    """A candidate attention block that does not fit the 4-D rewrite; the message gives the reason."""
 
 
 @dataclass
 class HeadSource:
-    """How one of q, k, v is read out of a Conv: channel map [H, D] and a scale."""
+    """Source of one of q, k, v: the Conv it is read from, its channel map [H, D] and its scale."""
 
     conv: gs.Node
     channels: np.ndarray
@@ -381,7 +381,7 @@ class AttentionToChannels(Pass):
 
     def _head_conv(self, editor: GraphEditor, source: HeadSource, base: str, batch: int, heads: int, head_dim: int,
                    tokens: int, dtype) -> gs.Variable:
-        """One 1x1 Conv for q, k or v, reshaped to [B, H, D, N]."""
+        """Emit one 1x1 Conv for q, k or v, reshaped to [B, H, D, N]."""
         conv = source.conv
         weight = const_value(conv.inputs[1])
         bias = const_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
