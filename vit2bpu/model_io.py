@@ -143,7 +143,7 @@ def validate_model(model: onnx.ModelProto, path: str | None = None) -> list[str]
     try:
         if declared_ir > onnx.IR_VERSION:
             # Newer exporters stamp IR 10 on graphs that use nothing beyond IR 9; check them as the
-            # newest IR the installed onnx knows. The output is written at IR 7 either way.
+            # newest IR the installed onnx supports. The output is written at IR 7 either way.
             log.info("%s: IR version %d is newer than onnx %s knows (%d); checking it as %d", path or "model",
                      declared_ir, onnx.__version__, onnx.IR_VERSION, onnx.IR_VERSION)
             model.ir_version = onnx.IR_VERSION
